@@ -1,0 +1,143 @@
+"""`hh-ray` command line: one subcommand per stage of the paper's method.
+
+Every stage takes --config FILE, --run-dir DIR, --resume and every config
+field as a flag (`--ppo.kl_coef 0.01`) or as `key=value`; `--help` lists
+each with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from hh_ray.config import Config, ConfigError, flat_fields, load_config
+
+STAGES = {
+    "demo": "Run the whole method end to end on the embedded default (SmolLM2-135M, synthetic comparisons): PM, then PPO, then the report.",
+    "prepare-model": "Build or convert a local model ('tiny' or 'smollm2') once and print its folder.",
+    "train-pm": "Train the preference model (optional PMP stage, then HH finetuning) on a Ray Train learner group.",
+    "eval": "The paper's evaluations (`eval pm`: accuracy, accuracy by turn, calibration).",
+    "distill": "Context distillation of an HHH prompt into the policy (not available yet).",
+    "sft": "Supervised finetuning on chosen responses (not available yet).",
+    "train-ppo": "PPO against the PM with a KL penalty: vLLM actors generate, Ray Train learners update.",
+    "online": "Iterated online RLHF rounds (not available yet).",
+    "collect": "Comparison collection page (not available yet).",
+    "serve": "Serve a trained policy with Ray Serve (not available yet).",
+    "report": "Write the HTML report of a run folder (not available yet).",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/); flags below override it")
+    p.add_argument("--run-dir", help="run folder (default: runs/<stage>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    defaults = Config()
+    g = p.add_argument_group("config (section.field, default in brackets)")
+    for name, f in flat_fields().items():
+        obj = defaults
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        g.add_argument(f"--{name}", dest=f"cfg:{name}", metavar="V", default=None,
+                       help=f"{f.metadata.get('help', '')} [{obj!r}]".replace("%", "%%"))
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="more overrides, e.g. ppo.kl_coef=0.01")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hh-ray",
+        description="Helpful & harmless RLHF (Bai et al. 2022) on Ray: preference models, PPO with a KL "
+                    "penalty, iterated online training and the paper's evaluations.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for stage, help in STAGES.items():
+        p = sub.add_parser(stage, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if stage == "prepare-model":
+            p.add_argument("name", help="'tiny' or 'smollm2' (or any HF name/folder, passed through)")
+            p.add_argument("--cache-dir", default="", help="cache folder (default ~/.cache/hh-ray or $HH_RAY_CACHE)")
+            continue
+        if stage == "eval":
+            p.add_argument("what", choices=["pm"], help="which evaluation")
+            p.add_argument("--pm", required=False, help="trained PM folder")
+            p.add_argument("--data", help="comparisons to evaluate on (default: the config's data, held-out part)")
+        _add_config_flags(p)
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        overrides[k.lstrip("-")] = v
+    cfg = load_config(args.config, overrides)
+    if args.resume and not args.run_dir:
+        raise ConfigError("--resume needs --run-dir (the run to continue)")
+    if args.resume and args.run_dir and (Path(args.run_dir) / "config.yaml").exists() and not args.config:
+        cfg = load_config(Path(args.run_dir) / "config.yaml", overrides)
+    from hh_ray.tracking import default_run_dir
+
+    return cfg, Path(args.run_dir) if args.run_dir else default_run_dir(args.stage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.stage == "prepare-model":
+            from hh_ray.models import resolve_model
+
+            print(Path(resolve_model(args.name, args.cache_dir)).resolve())
+            return 0
+        cfg, run_dir = resolve(args)
+        return STAGE_RUNNERS[args.stage](cfg, run_dir, args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"hh-ray {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _not_yet(stage: str):
+    def run(cfg, run_dir, args) -> int:
+        print(f"hh-ray {stage}: this stage is not available yet in this version.", file=sys.stderr)
+        return 3
+    return run
+
+
+def run_train_pm(cfg: Config, run_dir: Path, args) -> int:
+    from learners.pm_learner import train_pm
+
+    out = train_pm(cfg, run_dir, resume=args.resume)
+    print(f"PM written to {out}")
+    return 0
+
+
+def run_eval(cfg: Config, run_dir: Path, args) -> int:
+    from hh_ray.pm_eval import eval_pm_command
+
+    return eval_pm_command(cfg, run_dir, pm_dir=args.pm, data=args.data)
+
+
+def run_train_ppo(cfg: Config, run_dir: Path, args) -> int:
+    from hh_ray.controller import train_ppo
+
+    train_ppo(cfg, run_dir, resume=args.resume)
+    return 0
+
+
+def run_demo(cfg: Config, run_dir: Path, args) -> int:
+    from hh_ray.demo import demo
+
+    return demo(cfg, run_dir, resume=args.resume)
+
+
+STAGE_RUNNERS = {
+    "demo": run_demo,
+    "train-pm": run_train_pm,
+    "eval": run_eval,
+    "train-ppo": run_train_ppo,
+    **{s: _not_yet(s) for s in ("distill", "sft", "online", "collect", "serve", "report")},
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

