@@ -1,0 +1,28 @@
+"""Connect to Ray: the cluster RAY_ADDRESS names, the one this process is in
+(`ray job submit`), or a fresh local one."""
+
+from __future__ import annotations
+
+import os
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every actor and learner needs, passed through Ray's runtime_env."""
+    keep = ("HH_RAY_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def ensure_ray(num_cpus: int | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env={"env_vars": worker_env()})
+        else:
+            # Logical CPUs above the physical count let generation actors,
+            # the PM service and learners coexist on a small machine.
+            ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+                     runtime_env={"env_vars": worker_env()})
+    return ray

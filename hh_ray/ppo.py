@@ -1,0 +1,164 @@
+"""PPO with a KL penalty, as small pure tensor functions (Bai et al. 2022, §4.1).
+
+Alignment used throughout: a [B, T] tensor's column t belongs to token
+`input_ids[:, t]`, the action taken at step t. Its log-prob comes from the
+logits at t-1, and its value estimate V(s_t) is the critic's output at t-1
+(the state is the prefix before the token). `mask` marks response tokens.
+
+Loss aggregation:
+- 'token_mean': mean over every response token in the batch (long responses
+  weigh more);
+- 'seq_mean': mean over each response's tokens, then over responses (every
+  response weighs the same).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- log-probs
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """log softmax(logits)[label], [B, T]. Chunked over T so the full
+    [B, T, V] log-softmax (V = 49k for SmolLM2) never exists at once in float32."""
+    out = []
+    for s in range(0, logits.shape[1], chunk):
+        lg = logits[:, s: s + chunk].float()
+        out.append(lg.gather(-1, labels[:, s: s + chunk, None]).squeeze(-1) - torch.logsumexp(lg, -1))
+    return torch.cat(out, 1)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    out = []
+    for s in range(0, logits.shape[1], chunk):
+        logp = F.log_softmax(logits[:, s: s + chunk].float(), -1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out, 1)
+
+
+def shift_right(x: torch.Tensor) -> torch.Tensor:
+    """Move per-position outputs from t-1 to t (column 0 becomes 0), giving the alignment above."""
+    return F.pad(x[:, :-1], (1, 0))
+
+
+def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    temperature: float = 1.0, with_entropy: bool = False):
+    """Log-prob of every token under a causal LM, aligned to the token ([B, T]; column 0 is 0).
+
+    `temperature` divides the logits, matching the distribution vLLM sampled from.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = F.pad(token_logprobs(logits, input_ids[:, 1:]), (1, 0))
+    if not with_entropy:
+        return logp
+    return logp, F.pad(entropy_from_logits(logits), (1, 0))
+
+
+# ---------------------------------------------------------------- reward
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi0) from samples of pi.
+
+    k1 = log pi - log pi0 (unbiased, can be negative per token);
+    k3 = (r - 1) - log r with r = pi0/pi (unbiased, never negative, lower variance).
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"ppo.kl_estimator: unknown estimator {estimator!r} (k1, k3)")
+
+
+def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """1 at each row's last response token."""
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+    out = torch.zeros_like(mask)
+    out[torch.arange(mask.shape[0]), last] = 1
+    return out * (mask.sum(1, keepdim=True) > 0)
+
+
+def rewards(pm_score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token reward r_t = -lambda_KL * KL_t, plus the PM score on the last response token."""
+    return (-kl_coef * kl + pm_score[:, None] * last_token_mask(mask)) * mask
+
+
+# ---------------------------------------------------------------- advantages
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens; the episode ends
+    after the last one (its next value is 0). Returns (advantages, returns)."""
+    mask = mask.to(values.dtype)
+    adv = torch.zeros_like(values)
+    last_gae = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        g = delta + gamma * lam * last_gae
+        adv[:, t] = g * m
+        last_gae = torch.where(m > 0, g, last_gae)
+        next_value = torch.where(m > 0, values[:, t], next_value)
+    return adv, (adv + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, agg: str = "token_mean") -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if agg == "token_mean":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    if agg == "seq_mean":
+        per_seq = (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq[mask.sum(1) > 0].mean()
+    raise ValueError(f"ppo.loss_agg: unknown aggregation {agg!r} (token_mean, seq_mean)")
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries (masked-out entries become 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+# ---------------------------------------------------------------- losses
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+             clip_eps: float = 0.2, agg: str = "token_mean") -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate: -min(rho * A, clip(rho, 1-eps, 1+eps) * A)."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, agg)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask),
+                 # k3 estimate of KL(old || new): how far this update moved the policy
+                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_eps: float = 0.2, agg: str = "token_mean") -> torch.Tensor:
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, agg)
+
+
+def lr_factor(iteration: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """Multiplier of the base LR at an iteration."""
+    if warmup and iteration < warmup:
+        return (iteration + 1) / warmup
+    frac = min(1.0, (iteration - warmup) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - frac
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * frac))
+    raise ValueError(f"ppo.lr_schedule: unknown schedule {schedule!r} (constant, linear, cosine)")
