@@ -1,0 +1,89 @@
+"""Building a vLLM engine the way that works here (DESIGN.md §3), for rollouts and serving.
+
+No Ray in this module: the generation actors (actors/generation.py) and the
+serving replicas (serve/) both call `make_llm` and `sampling_params`.
+
+On CPU the engine must run in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the
+multiprocess engine pins cores and cannot take tensors through
+`collective_rpc`, which in-place weight reload needs. It is set here, at import,
+because vLLM reads it when its engine is built and before any `import vllm` in
+this process should matter; `setdefault` leaves an explicit choice alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+
+from hh_ray.config import GenerationConfig  # noqa: E402
+
+
+class EngineError(ValueError):
+    pass
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
+                  dtype: str = "float32", seed: int = 0, runner: str = "generate") -> dict:
+    """Keyword arguments of `vllm.LLM` for one engine.
+
+    - CPU: float32 (the CPU kernels and our HF learners agree in fp32), eager
+      mode (no graph capture to amortise), and an explicit KV-cache size:
+      `gpu_memory_utilization` would mean a fraction of a NUMA node's RAM.
+    - GPU: the model's dtype, CUDA graphs, the default memory fraction, tensor
+      parallelism, and vLLM's NCCL weight-transfer engine when asked for.
+    - Both: `processed_logprobs`, so a behaviour log-prob is that of the
+      distribution actually sampled (after temperature / top-p), the one the
+      PPO ratio needs; vLLM's default is the raw, temperature-unscaled one.
+    """
+    if gen_cfg.weight_sync not in ("object_store", "nccl"):
+        raise EngineError(f"generation.weight_sync: unknown mode {gen_cfg.weight_sync!r} (object_store, nccl)")
+    kw = dict(model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
+              tensor_parallel_size=gen_cfg.tensor_parallel_size)
+    if runner == "generate":
+        kw["logprobs_mode"] = "processed_logprobs"
+    else:
+        kw["runner"] = runner
+    if on_gpu():
+        kw["dtype"] = dtype
+        if gen_cfg.weight_sync == "nccl" and runner == "generate":
+            kw["weight_transfer_config"] = {"backend": "nccl"}
+    else:
+        if gen_cfg.weight_sync == "nccl":
+            raise EngineError("generation.weight_sync='nccl' needs CUDA GPUs (NCCL); "
+                              "on CPU use generation.weight_sync='object_store'")
+        if gen_cfg.tensor_parallel_size != 1:
+            raise EngineError("generation.tensor_parallel_size > 1 needs GPUs; use more workers "
+                              "(generation.num_workers) on CPU")
+        if gen_cfg.kv_cache_gib <= 0:
+            raise EngineError(f"generation.kv_cache_gib must be > 0 on CPU, got {gen_cfg.kv_cache_gib}")
+        kw.update(dtype="float32", enforce_eager=True,
+                  kv_cache_memory_bytes=int(gen_cfg.kv_cache_gib * 2**30))
+    return kw
+
+
+def make_llm(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
+             dtype: str = "float32", seed: int = 0, runner: str = "generate", **overrides):
+    """A `vllm.LLM`; `overrides` win over `engine_kwargs` (e.g. `enable_prefix_caching`)."""
+    from vllm import LLM
+
+    return LLM(**{**engine_kwargs(model_path, gen_cfg, max_model_len, dtype, seed, runner), **overrides})
+
+
+def sampling_params(max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                    seed: int | None = None, logprobs: bool = True, n: int = 1, **extra):
+    """One request's sampling settings: stop on EOS, and (by default) the
+    sampled token's log-prob at every step (`logprobs=0` means "the sampled
+    token only", no top-k alternatives)."""
+    from vllm import SamplingParams
+
+    if max_new_tokens < 1:
+        raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, logprobs=0 if logprobs else None, **extra)

@@ -1,0 +1,64 @@
+"""Configs from YAML and overrides; the CLI's help lists every option with its default."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hh_ray.cli import STAGES, build_parser, main
+from hh_ray.config import Config, ConfigError, flat_fields, load_config, save_config
+from tests.conftest import ROOT
+
+
+def test_paper_defaults():
+    c = Config()
+    assert (c.ppo.kl_coef, c.ppo.clip_eps, c.ppo.gamma, c.ppo.entropy_coef, c.generation.max_new_tokens) == \
+        (0.001, 0.2, 1.0, 0.0, 128)
+    assert c.pm.epochs == 1 and c.pm.lr == pytest.approx(c.pm.pmp_lr / 10)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  kl_coef: 0.05\n  epochs: 2\nmodel:\n  gradient_checkpointing: true\n")
+    c = load_config(f, {"ppo.epochs": "4", "seed": "7"})
+    assert (c.ppo.kl_coef, c.ppo.epochs, c.seed, c.model.gradient_checkpointing) == (0.05, 4, 7, True)
+    save_config(c, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == c
+
+
+@pytest.mark.parametrize("yaml_text,msg", [
+    ("ppo:\n  kl_cof: 1\n", "unknown config key 'ppo.kl_cof'"),
+    ("ppo:\n  epochs: two\n", "ppo.epochs: expected int"),
+    ("- a\n", "mapping"),
+])
+def test_bad_config_names_file_and_field(tmp_path, yaml_text, msg):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=msg) as e:
+        load_config(f)
+    assert "bad.yaml" in str(e.value)
+
+
+def test_shipped_configs_load():
+    for name in ("tiny", "demo", "gpu-1node", "multinode"):
+        load_config(ROOT / "configs" / f"{name}.yaml")
+
+
+def test_every_stage_has_help_with_defaults():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "stage")
+    assert set(sub.choices) == set(STAGES)
+    text = sub.choices["train-ppo"].format_help()
+    for name in flat_fields():
+        assert f"--{name}" in text
+    assert "[0.001]" in text  # kl_coef's default is printed
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "hh_ray.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "train-ppo" in out.stdout
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train-ppo", "--ppo.epochs", "x"]) == 2
+    assert "ppo.epochs: expected int" in capsys.readouterr().err

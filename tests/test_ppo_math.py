@@ -1,0 +1,123 @@
+"""PPO/GAE/KL math against numbers worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from hh_ray import ppo
+
+
+def test_token_logprobs_matches_log_softmax_and_chunks():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11)
+    labels = torch.randint(0, 11, (2, 7))
+    want = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    assert torch.allclose(ppo.token_logprobs(logits, labels, chunk=3), want, atol=1e-6)
+
+
+def test_entropy_of_uniform_is_log_v():
+    ent = ppo.entropy_from_logits(torch.zeros(1, 2, 8))
+    assert torch.allclose(ent, torch.full((1, 2), math.log(8)))
+
+
+def test_kl_estimators_by_hand():
+    logp = torch.tensor([[math.log(0.5), math.log(0.25)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5)]])
+    k1 = ppo.kl_penalty(logp, ref, "k1")
+    assert torch.allclose(k1, torch.tensor([[math.log(2), -math.log(2)]]))
+    k3 = ppo.kl_penalty(logp, ref, "k3")  # r = ref/p: 0.5 -> -0.5+ln2 ; 2 -> 1-ln2
+    assert torch.allclose(k3, torch.tensor([[-0.5 + math.log(2), 1 - math.log(2)]]), atol=1e-6)
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError, match="kl_estimator"):
+        ppo.kl_penalty(logp, ref, "k2")
+
+
+def test_rewards_put_pm_score_on_last_response_token():
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
+    kl = torch.tensor([[9.0, 1.0, 2.0, 9.0], [9.0, 9.0, 1.0, -1.0]])
+    r = ppo.rewards(torch.tensor([3.0, -1.0]), kl, mask, kl_coef=0.1)
+    assert torch.allclose(r, torch.tensor([[0, -0.1, 2.8, 0], [0, 0, -0.1, -0.9]]))
+
+
+def test_gae_by_hand():
+    # one response of 3 tokens after a 1-token prompt, gamma=1, lambda=0.5
+    r = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    v = torch.tensor([[7.0, 0.5, 0.25, 0.5, 7.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0]])
+    adv, ret = ppo.gae(r, v, mask, gamma=1.0, lam=0.5)
+    # t=3: delta = 1 + 0 - 0.5 = 0.5               A3 = 0.5
+    # t=2: delta = 0 + 0.5 - 0.25 = 0.25            A2 = 0.25 + 0.5*0.5 = 0.5
+    # t=1: delta = 0 + 0.25 - 0.5 = -0.25           A1 = -0.25 + 0.5*0.5 = 0.0
+    assert torch.allclose(adv, torch.tensor([[0, 0.0, 0.5, 0.5, 0]]))
+    assert torch.allclose(ret, torch.tensor([[0, 0.5, 0.75, 1.0, 0]]))
+
+
+def test_gae_lambda_one_gives_monte_carlo_returns():
+    r = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    v = torch.tensor([[0.0, 5.0, -2.0, 1.0]])
+    mask = torch.ones(1, 4)
+    _, ret = ppo.gae(r, v, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(ret, torch.tensor([[6.0, 6.0, 5.0, 3.0]]))
+
+
+def test_token_mean_vs_seq_mean():
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    assert ppo.masked_mean(x, mask, "token_mean").item() == pytest.approx(9 / 5)
+    assert ppo.masked_mean(x, mask, "seq_mean").item() == pytest.approx(3.0)
+
+
+def test_whiten():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    w = ppo.whiten(x, torch.tensor([[1, 1, 0]]))
+    assert torch.allclose(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4)
+
+
+def test_ppo_loss_clips_by_hand():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = ppo.ppo_loss(logp, old, adv, mask, clip_eps=0.2)
+    # token 1: min(1.5, 1.2)*1 = 1.2 ; token 2: min(0.5, 0.8) = 0.5 ; token 3: min(-1.1, -1.1) = -1.1
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 1.1) / 3, abs=1e-6)
+    assert stats["clip_frac"].item() == pytest.approx(1 / 3)
+    assert stats["approx_kl"].item() > 0
+
+
+def test_value_loss_clips_by_hand():
+    v = torch.tensor([[2.0, 0.0]])
+    old = torch.tensor([[0.0, 0.0]])
+    ret = torch.tensor([[1.0, 1.0]])
+    # token 1: max((2-1)^2, (0.2-1)^2) = 1 ; token 2: max(1, 1) = 1
+    assert ppo.value_loss(v, old, ret, torch.ones(1, 2), clip_eps=0.2).item() == pytest.approx(0.5)
+    v = torch.tensor([[0.5, 0.0]])  # clipped 0.2: max(0.25, 0.64)=0.64 ; 1
+    assert ppo.value_loss(v, old, ret, torch.ones(1, 2), clip_eps=0.2).item() == pytest.approx(0.5 * (0.64 + 1) / 2)
+
+
+def test_last_token_mask_and_shift():
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]])
+    assert ppo.last_token_mask(mask).tolist() == [[0, 0, 1, 0], [0, 0, 0, 0]]
+    assert ppo.shift_right(torch.tensor([[1.0, 2.0, 3.0]])).tolist() == [[0.0, 1.0, 2.0]]
+
+
+def test_lr_schedules():
+    assert ppo.lr_factor(0, 10, "constant") == 1.0
+    assert ppo.lr_factor(5, 10, "linear") == pytest.approx(0.5)
+    assert ppo.lr_factor(10, 10, "cosine") == pytest.approx(0.0)
+    assert ppo.lr_factor(0, 10, "constant", warmup=4) == pytest.approx(0.25)
+
+
+def test_policy_logprobs_alignment():
+    """Column t of policy_logprobs is log p(x_t | x_<t), computed independently here."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=1, num_key_value_heads=1, head_dim=32))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    lp = ppo.policy_logprobs(m, ids, torch.ones_like(ids), temperature=2.0)
+    logits = m(ids[:, :3]).logits[0, -1] / 2.0
+    assert lp[0, 0] == 0
+    assert lp[0, 3].item() == pytest.approx(torch.log_softmax(logits, -1)[9].item(), abs=1e-5)
