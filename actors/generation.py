@@ -1,0 +1,413 @@
+"""vLLM generation workers: prompts in, rollouts (token ids + behaviour log-probs +
+policy version) out, and weight sync from the learner.
+
+A `GenerationWorker` is one Ray actor holding one vLLM engine (in-process on
+CPU, DESIGN.md §3). A `GenerationPool` is the controller's view of N workers:
+it spreads a batch of prompts over them and broadcasts weights to all of them.
+
+Weight sync, two paths (`generation.weight_sync`):
+- 'object_store' (CPU and GPU): the learner publishes its state dict as one
+  ObjectRef; each worker fetches it from the object store and reloads it in
+  place with `collective_rpc("reload_weights")`. Names and shapes are checked
+  first, so a bad dict is refused whole and the engine keeps its old weights.
+- 'nccl' (GPU only): vLLM's NCCL weight-transfer engine. Learner rank 0 is
+  NCCL rank 0 and broadcasts straight into the workers' GPU memory; the pool
+  gives it a `weight_sync_client()` that drives the workers' side.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from hh_ray.config import GenerationConfig
+from hh_ray.rollout import RolloutBatch
+
+
+class GenerationInputError(ValueError):
+    """A prompt the engine cannot take (empty, too long, unknown token ids)."""
+
+
+class WeightUpdateError(ValueError):
+    """A weight dict that does not fit the engine's model; nothing was loaded."""
+
+
+class StaleWeightsError(RuntimeError):
+    """Sync mode: a worker asked to generate with a version other than the expected one."""
+
+
+def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(every name a learner's `state_dict()` holds -> shape, the names that must be present).
+
+    Built from the HF config on the meta device, so it costs no memory and
+    matches what the learner sends. Tied weights (e.g. `lm_head.weight` tied to
+    the embeddings) appear once in `named_parameters` and twice in
+    `state_dict`: the alias may be sent or left out.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    required = {k for k, _ in model.named_parameters()}
+    required |= {k for k, _ in model.named_buffers() if k in shapes}  # persistent buffers only
+    return shapes, required
+
+
+def check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                  required: set[str]) -> None:
+    """Raise WeightUpdateError listing every missing, unknown or mis-shaped tensor."""
+    if not isinstance(weights, dict):
+        raise WeightUpdateError(f"weights must be a state dict (name -> tensor), got {type(weights).__name__}")
+    problems = []
+    missing = sorted(required - weights.keys())
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unknown = sorted(weights.keys() - shapes.keys())
+    if unknown:
+        problems.append(f"unknown name(s): {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    for name, t in weights.items():
+        if name not in shapes:
+            continue
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"{name}: not a tensor ({type(t).__name__})")
+        elif tuple(t.shape) != shapes[name]:
+            problems.append(f"{name}: shape {tuple(t.shape)}, the engine's model has {shapes[name]}")
+        elif not t.is_floating_point():
+            problems.append(f"{name}: dtype {t.dtype} is not floating point")
+    if problems:
+        raise WeightUpdateError("weight update refused, the engine keeps its previous weights: "
+                                + "; ".join(problems))
+
+
+def check_prompts(prompt_ids: list[list[int]], max_model_len: int, vocab_size: int) -> None:
+    """Refuse what vLLM would reject mid-batch (or silently mis-handle), naming the prompt."""
+    if not prompt_ids:
+        raise GenerationInputError("no prompts given")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise GenerationInputError(f"prompt {i} is empty (no tokens)")
+        if len(p) >= max_model_len:
+            raise GenerationInputError(
+                f"prompt {i} has {len(p)} tokens; the engine's max length is {max_model_len} "
+                f"(prompt + response), so at most {max_model_len - 1} prompt tokens fit. "
+                "Truncate prompts from the left or raise model.max_seq_len.")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationInputError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})")
+
+
+@ray.remote
+class GenerationWorker:
+    """One vLLM engine. Start it with `start_generation_worker` (which sets num_cpus)."""
+
+    def __init__(self, model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
+                 dtype: str = "float32", seed: int = 0):
+        # vLLM makes torch.set_num_threads a no-op in its process once the
+        # engine exists: set the thread count from our CPU share first.
+        torch.set_num_threads(max(1, gen_cfg.cpus_per_worker))
+        from hh_ray.vllm_engine import make_llm
+
+        self.gen_cfg = gen_cfg
+        self.llm = make_llm(model_path, gen_cfg, max_model_len, dtype, seed)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.tokenizer = self.llm.get_tokenizer()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.shapes, self.required = expected_weights(model_path)
+        self._version = 0
+        self._updating = False  # between start and finish of an NCCL update
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids: list[list[int]], prompts: list[str] | None = None,
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | list[int] | None = 0,
+                 expected_version: int | None = None) -> RolloutBatch:
+        """Sample one response per prompt.
+
+        `seed`: an int seeds sample i with `seed + i`, a list gives each sample
+        its own seed (the pool passes the prompt's index in the whole batch, so
+        a response does not depend on which worker or chunk it landed in);
+        None = unseeded. `expected_version` (sync mode) refuses to run on other
+        weights.
+        """
+        from hh_ray.vllm_engine import sampling_params
+
+        if self._updating:
+            raise StaleWeightsError("a weight update is in progress on this worker; generate after it finishes")
+        if expected_version is not None and self._version != expected_version:
+            raise StaleWeightsError(f"worker holds policy version {self._version}, expected {expected_version}: "
+                                    "it missed a weight update; refusing to generate with stale weights (sync mode)")
+        prompt_ids = [list(map(int, p)) for p in prompt_ids]
+        if prompts is not None and len(prompts) != len(prompt_ids):
+            raise GenerationInputError(f"{len(prompt_ids)} prompt token lists but {len(prompts)} prompt texts")
+        check_prompts(prompt_ids, self.max_model_len, self.vocab_size)
+        g = self.gen_cfg
+        kw = dict(max_new_tokens=max_new_tokens or g.max_new_tokens,
+                  temperature=g.temperature if temperature is None else temperature,
+                  top_p=g.top_p if top_p is None else top_p)
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(len(prompt_ids))]
+        elif len(seed) == len(prompt_ids):
+            seeds = list(seed)
+        else:
+            raise GenerationInputError(f"{len(prompt_ids)} prompts but {len(seed)} seeds")
+        params = [sampling_params(seed=s, **kw) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        response_ids, logprobs, texts, reasons = [], [], [], []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            response_ids.append(ids)
+            # logprobs=0: each step's dict holds the sampled token only.
+            logprobs.append([step[t].logprob for step, t in zip(c.logprobs, ids)])
+            texts.append(c.text)
+            reasons.append(c.finish_reason or "length")
+        if prompts is None:
+            prompts = self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+        return RolloutBatch.from_samples(prompt_ids, response_ids, logprobs, [self._version] * len(outs),
+                                         prompts, texts, reasons, self.pad_id)
+
+    # ------------------------------------------------------------ weight sync: object store
+
+    def update_weights(self, version: int, weights_ref: list) -> int:
+        """Load a learner's state dict in place and hold `version` from now on.
+
+        `weights_ref` is `[ObjectRef]` (wrapped so Ray hands the ref over
+        instead of resolving it on the way) or `[state_dict]`. Validated
+        before anything is loaded: on error the old weights and version stay.
+        """
+        if self.gen_cfg.weight_sync != "object_store":
+            raise WeightUpdateError(f"this worker syncs weights by {self.gen_cfg.weight_sync!r}; "
+                                    "use the pool's weight_sync_client() for NCCL")
+        if not isinstance(weights_ref, (list, tuple)) or len(weights_ref) != 1:
+            raise WeightUpdateError("pass the weights as [ObjectRef] (a one-element list)")
+        item = weights_ref[0]
+        weights = ray.get(item) if isinstance(item, ray.ObjectRef) else item
+        check_weights(weights, self.shapes, self.required)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        # Prefix-cached KV blocks were computed by the old weights.
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+        return self._version
+
+    def version(self) -> int:
+        return self._version
+
+    def info(self) -> dict:
+        return {"version": self._version, "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
+                "pad_id": self.pad_id, "weight_sync": self.gen_cfg.weight_sync}
+
+    # ------------------------------------------------------------ weight sync: NCCL (GPU)
+    # These four mirror vLLM's `VLLMWeightSyncClient` protocol; the pool's
+    # `weight_sync_client()` calls them on every worker.
+
+    def _require_nccl(self) -> None:
+        if self.gen_cfg.weight_sync != "nccl":
+            raise WeightUpdateError("NCCL weight transfer needs generation.weight_sync='nccl' (GPU only)")
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._require_nccl()
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._require_nccl()
+        self._updating = True
+        self.llm.start_weight_update()
+
+    def receive_weights(self, update_info: dict) -> None:
+        self._require_nccl()
+        try:
+            self.llm.update_weights({"update_info": update_info})
+        except BaseException:
+            self._updating = False
+            raise
+
+    def finish_weight_update(self, version: int | None = None) -> int:
+        self._require_nccl()
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()
+        self._updating = False
+        if version is not None:
+            self._version = int(version)
+        return self._version
+
+    def set_version(self, version: int) -> int:
+        """NCCL path: the learner's engine finishes the update without a version; the pool sets it."""
+        self._require_nccl()
+        if self._updating:
+            raise StaleWeightsError("cannot set a version while a weight update is in progress")
+        self._version = int(version)
+        return self._version
+
+
+def start_generation_worker(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
+                            dtype: str = "float32", seed: int = 0, name: str | None = None):
+    """A GenerationWorker with its resources: `cpus_per_worker` CPUs (Ray sets
+    OMP_NUM_THREADS from it) and, on a GPU cluster, `tensor_parallel_size` GPUs."""
+    from hh_ray.cluster import worker_env
+
+    gpus = gen_cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    opts = dict(num_cpus=gen_cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": worker_env()})
+    if name:
+        opts["name"] = name
+    return GenerationWorker.options(**opts).remote(model_path, gen_cfg, max_model_len, dtype, seed)
+
+
+class PoolWeightSyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over the pool's workers, for the
+    NCCL path. Learner rank 0 builds the trainer side with it:
+
+        engine = NCCLTrainerWeightTransferEngine.trainer_init(
+            NCCLTrainerInitInfo(master_address=ip, master_port=port,
+                                world_size=1 + client.num_ranks, rank=0),
+            client=client, source=ModuleSource(model))
+        engine.send_weights()            # every iteration
+        pool.set_version(v)              # then tell the workers what they hold
+
+    vLLM's own Ray client gives every engine rank_offset 1, which only works
+    for one engine; here worker k's ranks start at 1 + k * tensor_parallel_size.
+    """
+
+    def __init__(self, workers: list, tensor_parallel_size: int):
+        self.workers = workers
+        self.tp = tensor_parallel_size
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.workers) * self.tp
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        ray.get([w.init_weight_transfer_engine.remote({**init_info, "rank_offset": 1 + k * self.tp})
+                 for k, w in enumerate(self.workers)])
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        pass  # the engines release the group when the workers stop
+
+    def start_weight_update(self) -> None:
+        ray.get([w.start_weight_update.remote() for w in self.workers])
+
+    def update_weights(self, update_info) -> None:
+        ray.get([w.receive_weights.remote(update_info) for w in self.workers])
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        v = None if weight_version is None else int(weight_version)
+        ray.get([w.finish_weight_update.remote(v) for w in self.workers])
+
+
+class GenerationPool:
+    """N generation workers seen as one sampler (a plain object: the controller holds it).
+
+    Load balance: prompts are sorted longest first and cut into
+    `chunks_per_worker` x N chunks of equal token budget (prompt +
+    max_new_tokens); each worker takes the next chunk when it finishes one.
+    Response lengths are unknown in advance, so a static split lets the
+    unluckiest worker set the pace; small chunks from a shared queue even it
+    out, at the price of smaller vLLM batches.
+    """
+
+    def __init__(self, model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
+                 dtype: str = "float32", seed: int = 0, chunks_per_worker: int = 4):
+        if gen_cfg.num_workers < 1:
+            raise ValueError(f"generation.num_workers must be >= 1, got {gen_cfg.num_workers}")
+        self.gen_cfg = gen_cfg
+        self.chunks_per_worker = chunks_per_worker
+        # Different engine seeds: unseeded requests must not repeat across workers.
+        self.workers = [start_generation_worker(model_path, gen_cfg, max_model_len, dtype, seed + k)
+                        for k in range(gen_cfg.num_workers)]
+        infos = ray.get([w.info.remote() for w in self.workers])  # waits until every engine is up
+        self.pad_id = infos[0]["pad_id"]
+        self.max_model_len = infos[0]["max_model_len"]
+        self.vocab_size = infos[0]["vocab_size"]
+
+    def _chunks(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        n_chunks = min(len(prompt_ids), len(self.workers) * self.chunks_per_worker)
+        if len(self.workers) == 1:
+            n_chunks = 1  # nothing to balance; one batch is what vLLM runs fastest
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+        budget = sum(len(p) + max_new_tokens for p in prompt_ids) / n_chunks
+        chunks, cur, cost = [], [], 0.0
+        for i in order:
+            cur.append(i)
+            cost += len(prompt_ids[i]) + max_new_tokens
+            if cost >= budget and len(chunks) < n_chunks - 1:
+                chunks.append(cur)
+                cur, cost = [], 0.0
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def generate(self, prompt_ids: list[list[int]], prompts: list[str] | None = None,
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = 0,
+                 expected_version: int | None = None) -> RolloutBatch:
+        """One response per prompt, in input order (see GenerationWorker.generate)."""
+        # Checked here too, so an error names the prompt's index in the caller's list.
+        check_prompts(prompt_ids, self.max_model_len, self.vocab_size)
+        if prompts is not None and len(prompts) != len(prompt_ids):
+            raise GenerationInputError(f"{len(prompt_ids)} prompt token lists but {len(prompts)} prompt texts")
+        max_new = max_new_tokens or self.gen_cfg.max_new_tokens
+        pending = list(reversed(self._chunks(prompt_ids, max_new)))  # pop() takes the longest first
+
+        def submit(worker):
+            idx = pending.pop()
+            ref = worker.generate.remote(
+                [prompt_ids[i] for i in idx], None if prompts is None else [prompts[i] for i in idx],
+                max_new, temperature, top_p, None if seed is None else [seed + i for i in idx],
+                expected_version)
+            return ref, idx, worker
+
+        in_flight = {}
+        for w in self.workers:
+            if pending:
+                ref, idx, _ = submit(w)
+                in_flight[ref] = (idx, w)
+        parts = []
+        while in_flight:
+            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            idx, w = in_flight.pop(done)
+            parts.append((idx, ray.get(done)))
+            if pending:
+                ref, nidx, _ = submit(w)
+                in_flight[ref] = (nidx, w)
+        batch = RolloutBatch.concat([b for _, b in parts], self.pad_id)
+        position = [i for idx, _ in parts for i in idx]
+        return batch.select(sorted(range(len(position)), key=position.__getitem__))
+
+    # ------------------------------------------------------------ weights
+
+    def versions(self) -> list[int]:
+        return ray.get([w.version.remote() for w in self.workers])
+
+    def update_weights(self, version: int, weights_ref) -> float:
+        """Object-store sync: every worker loads the state dict behind `weights_ref`
+        (an ObjectRef, or a state dict that is put once here). Returns seconds.
+        Raises if any worker refused or reports another version afterwards."""
+        t0 = time.perf_counter()
+        if not isinstance(weights_ref, ray.ObjectRef):
+            weights_ref = ray.put(weights_ref)
+        got = ray.get([w.update_weights.remote(version, [weights_ref]) for w in self.workers])
+        self._check_versions(version, got)
+        return time.perf_counter() - t0
+
+    def weight_sync_client(self) -> PoolWeightSyncClient:
+        if self.gen_cfg.weight_sync != "nccl":
+            raise WeightUpdateError("weight_sync_client() is the NCCL path; set generation.weight_sync='nccl' (GPU)")
+        return PoolWeightSyncClient(self.workers, self.gen_cfg.tensor_parallel_size)
+
+    def set_version(self, version: int) -> None:
+        """NCCL path: after the learner's `send_weights()`, record the version on every worker."""
+        self._check_versions(version, ray.get([w.set_version.remote(version) for w in self.workers]))
+
+    def _check_versions(self, version: int, got: list[int]) -> None:
+        if any(v != version for v in got):
+            raise StaleWeightsError(f"after sync to version {version} the workers report {got}")
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

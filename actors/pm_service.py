@@ -1,0 +1,125 @@
+"""The PM scoring service: (prompt text, response text) -> one float per sample.
+
+Vocabulary mismatch. The policy and the PM need not share a tokenizer (a
+small policy scored by a larger PM, or a PM whose vocabulary grew by its
+end-of-context and pad tokens). So the service never takes policy token ids:
+it takes text in HH format, prompt ("\\n\\nHuman: ...\\n\\nAssistant:") plus the
+decoded response, joins them into the transcript a labeller would read, and
+re-tokenises that with the PM's own tokenizer (`encode_for_pm`: end-of-context
+token appended, truncated from the left). The cost is one decode on the
+generation side and one encode here; what is lost is only tokenisation
+round-trip quirks of the policy, which the PM was never trained on anyway.
+
+Batching. Calls that arrive within `batch_wait_ms` of each other are scored
+in one forward pass (the actor is async; while one batch runs in a thread,
+the next one collects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+import torch
+
+from hh_ray.rollout import RolloutBatch
+
+
+@ray.remote
+class PMScorer:
+    """Start with `start_pm_scorer`. `backend`: 'hf' (batched HF forward) or 'vllm'
+    (vLLM's pooling runner; on CPU no faster unless prompts repeat, DESIGN.md §3)."""
+
+    def __init__(self, pm_path: str, max_len: int = 512, dtype: str = "float32", micro_batch_size: int = 16,
+                 batch_wait_ms: float = 5.0, backend: str = "hf", num_threads: int = 1, kv_cache_gib: float = 0.5):
+        torch.set_num_threads(max(1, num_threads))  # before vLLM, which freezes it
+        from hh_ray.models import load_pm_tokenizer, load_scalar_head_model
+
+        self.max_len = max_len
+        self.micro_batch_size = micro_batch_size
+        self.batch_wait = batch_wait_ms / 1000
+        self.backend = backend
+        self._pending: list[tuple[list[str], asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        if backend == "hf":
+            self.model, self.tokenizer = load_scalar_head_model(pm_path, dtype)
+            self.model.eval()
+        elif backend == "vllm":
+            from hh_ray.config import GenerationConfig
+            from hh_ray.models import is_scalar_head_model
+            from hh_ray.vllm_engine import make_llm
+
+            # vLLM loads the folder as saved: it must already be a PM whose
+            # vocabulary holds the end-of-context and pad tokens.
+            if not is_scalar_head_model(pm_path):
+                raise ValueError(f"{pm_path}: not a saved PM (no ForSequenceClassification in config.json); "
+                                 "the vLLM backend needs a PM folder written by PM training")
+            self.tokenizer = load_pm_tokenizer(pm_path)
+            self.llm = make_llm(pm_path, GenerationConfig(kv_cache_gib=kv_cache_gib), max_len, dtype,
+                                runner="pooling")
+        else:
+            raise ValueError(f"PMScorer backend must be 'hf' or 'vllm', got {backend!r}")
+
+    def _score_now(self, texts: list[str]) -> list[float]:
+        from hh_ray.models import encode_for_pm, pm_scores
+
+        out = []
+        for s in range(0, len(texts), self.micro_batch_size):
+            enc = encode_for_pm(self.tokenizer, texts[s: s + self.micro_batch_size], self.max_len)
+            if self.backend == "hf":
+                with torch.no_grad():
+                    out += pm_scores(self.model, enc["input_ids"], enc["attention_mask"]).tolist()
+            else:
+                from vllm import PoolingParams
+
+                rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+                res = self.llm.classify([{"prompt_token_ids": r} for r in rows], use_tqdm=False,
+                                        pooling_params=PoolingParams(use_activation=False))
+                out += [float(r.outputs.probs[0]) for r in res]
+        return out
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(self.batch_wait)
+        async with self._lock:  # one forward at a time; calls arriving meanwhile wait for the next
+            batch, self._pending = self._pending, []
+            self._flusher = None
+            texts = [t for ts, _ in batch for t in ts]
+            try:
+                scores = await asyncio.to_thread(self._score_now, texts)
+            except Exception as e:  # every waiting caller sees the error
+                for _, fut in batch:
+                    fut.set_exception(e)
+                return
+        s = 0
+        for ts, fut in batch:
+            fut.set_result(scores[s: s + len(ts)])
+            s += len(ts)
+
+    async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """PM score of each transcript prompt + response (HH format)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return []
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append(([p + r for p, r in zip(prompts, responses)], fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def score_rollouts(self, batch: RolloutBatch) -> RolloutBatch:
+        """The batch with `pm_score` filled in. Pass an ObjectRef from a
+        generation worker: Ray resolves it here, so the rollout never visits the controller."""
+        batch.pm_score = torch.tensor(await self.score(batch.prompts, batch.responses), dtype=torch.float32)
+        return batch
+
+
+def start_pm_scorer(pm_path: str, max_len: int = 512, dtype: str = "float32", num_cpus: float = 1,
+                    **kwargs):
+    from hh_ray.cluster import worker_env
+
+    # max_concurrency lets calls from several producers reach the batching queue together.
+    return PMScorer.options(num_cpus=num_cpus, max_concurrency=64,
+                            runtime_env={"env_vars": worker_env()}).remote(
+        pm_path, max_len, dtype, num_threads=max(1, int(num_cpus)), **kwargs)
