@@ -206,11 +206,11 @@ def ppo_train_loop(config: dict) -> None:
                         loss = pl + cfg.ppo.value_coef * vl - cfg.ppo.entropy_coef * entropy
                         (loss * weight).backward()
                     w_ = float(weight)
-                    stats["policy_loss"] += float(pl) * w_
-                    stats["value_loss"] += float(vl) * w_
+                    stats["policy_loss"] += pl.item() * w_
+                    stats["value_loss"] += vl.item() * w_
                     stats["clip_frac"] += float(st["clip_frac"]) * w_
                     stats["approx_kl"] += float(st["approx_kl"]) * w_
-                    stats["entropy"] += float(entropy) * w_
+                    stats["entropy"] += entropy.item() * w_
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.ppo.max_grad_norm)
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.ppo.max_grad_norm)
                 policy_opt.step()
