@@ -139,7 +139,7 @@ class RLHFController:
 
         self.state = json.loads((ckpt / "controller_state.json").read_text()) if ckpt else \
             {"iteration": 0, "policy_version": 0, "prompt_position": 0, "seed": cfg.seed}
-        self.tracker = Tracker(self.run_dir, cfg, "ppo", resume=resume)
+        self.tracker = Tracker(self.run_dir, cfg, "ppo")
         self._start_actors(ckpt)
 
     def _start_actors(self, ckpt: Path | None) -> None:

@@ -64,11 +64,11 @@ class Tracker:
 
             self._wandb = wandb.init(project=cfg.tracking.project, dir=str(self.run_dir), mode=mode,
                                      name=self.run_dir.name, config=to_dict(cfg), job_type=stage,
-                                     id=self._wandb_id(resume), resume="allow")
+                                     id=self._wandb_id(), resume="allow")
 
-    def _wandb_id(self, resume: bool) -> str:
-        """Keep one W&B run per run folder, so --resume appends to it."""
-        path = self.run_dir / "wandb" / "run_id"
+    def _wandb_id(self) -> str:
+        """One W&B run per stage of a run folder, so --resume appends to it."""
+        path = self.run_dir / "wandb" / f"run_id-{self.stage}"
         if path.exists():
             return path.read_text().strip()
         path.parent.mkdir(parents=True, exist_ok=True)
