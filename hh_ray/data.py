@@ -109,14 +109,22 @@ def read_jsonl(path: Path, skip_bad: bool = False, counter: dict | None = None):
             yield lineno, rec
 
 
-def comparisons_from_records(records, where: str = "record", skip_bad: bool = False, counter: dict | None = None):
-    """Parse (location, {'chosen', 'rejected'}) pairs; errors name the location."""
+def comparisons_from_records(records, where: str = "record", skip_bad: bool = False, counter: dict | None = None,
+                             skip_identical: bool = False):
+    """Parse (location, {'chosen', 'rejected'}) pairs; errors name the location.
+
+    With skip_identical, pairs whose chosen == rejected (no preference to learn)
+    are counted in counter['identical'] and skipped even without skip_bad."""
     out = []
     for loc, rec in records:
         try:
             for key in ("chosen", "rejected"):
                 if not isinstance(rec.get(key), str):
                     raise DataError(f"missing or non-string field {key!r}")
+            if skip_identical and rec["chosen"] == rec["rejected"]:
+                if counter is not None:
+                    counter["identical"] = counter.get("identical", 0) + 1
+                continue
             out.append(split_pair(rec["chosen"], rec["rejected"]))
         except DataError as e:
             if skip_bad:
@@ -129,10 +137,11 @@ def comparisons_from_records(records, where: str = "record", skip_bad: bool = Fa
 
 def load_comparisons(source: str, data_dir: str = "", split: str = "train",
                      skip_bad: bool = False, num_synthetic: int = 4000, seed: int = 0,
-                     counter: dict | None = None) -> list[Comparison]:
+                     counter: dict | None = None, skip_identical: bool = False) -> list[Comparison]:
     """Comparisons from 'synthetic', a local .jsonl[.gz] file/folder, or a hub dataset name.
 
-    With skip_bad, bad records are counted in counter['skipped'] instead of raising.
+    With skip_bad, bad records are counted in counter['skipped'] instead of raising;
+    with skip_identical, chosen == rejected pairs are counted in counter['identical'].
     """
     counter = counter if counter is not None else {}
     if source == "synthetic":
@@ -141,12 +150,12 @@ def load_comparisons(source: str, data_dir: str = "", split: str = "train",
     if path.exists():
         out = []
         for f in _files(path, data_dir, split):
-            out += comparisons_from_records(read_jsonl(f, skip_bad, counter), str(f), skip_bad, counter)
+            out += comparisons_from_records(read_jsonl(f, skip_bad, counter), str(f), skip_bad, counter, skip_identical)
     else:
         import datasets  # the real hub path; needs network or a warm HF cache
 
         ds = datasets.load_dataset(source, data_dir=data_dir or None, split=split)
-        out = comparisons_from_records(enumerate(ds), f"{source}[{split}]", skip_bad, counter)
+        out = comparisons_from_records(enumerate(ds), f"{source}[{split}]", skip_bad, counter, skip_identical)
     if not out:
         raise DataError(f"{source}: no comparisons found")
     return out
