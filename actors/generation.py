@@ -299,6 +299,21 @@ class PoolWeightSyncClient:
         ray.get([w.finish_weight_update.remote(v) for w in self.workers])
 
 
+def get_all(refs: list) -> list:
+    """`ray.get` every ref even when one fails, then raise the first error:
+    a plain `ray.get(list)` stops at the first and Ray logs the rest as unhandled."""
+    results, first = [], None
+    for r in refs:
+        try:
+            results.append(ray.get(r))
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            results.append(None)
+            first = first or e
+    if first is not None:
+        raise first
+    return results
+
+
 class GenerationPool:
     """N generation workers seen as one sampler (a plain object: the controller holds it).
 
@@ -370,7 +385,14 @@ class GenerationPool:
         while in_flight:
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             idx, w = in_flight.pop(done)
-            parts.append((idx, ray.get(done)))
+            try:
+                parts.append((idx, ray.get(done)))
+            except Exception:
+                try:  # let the other workers finish (and their errors be seen) before raising this one
+                    get_all(list(in_flight))
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
             if pending:
                 ref, nidx, _ = submit(w)
                 in_flight[ref] = (nidx, w)
@@ -390,7 +412,7 @@ class GenerationPool:
         t0 = time.perf_counter()
         if not isinstance(weights_ref, ray.ObjectRef):
             weights_ref = ray.put(weights_ref)
-        got = ray.get([w.update_weights.remote(version, [weights_ref]) for w in self.workers])
+        got = get_all([w.update_weights.remote(version, [weights_ref]) for w in self.workers])
         self._check_versions(version, got)
         return time.perf_counter() - t0
 
@@ -401,7 +423,7 @@ class GenerationPool:
 
     def set_version(self, version: int) -> None:
         """NCCL path: after the learner's `send_weights()`, record the version on every worker."""
-        self._check_versions(version, ray.get([w.set_version.remote(version) for w in self.workers]))
+        self._check_versions(version, get_all([w.set_version.remote(version) for w in self.workers]))
 
     def _check_versions(self, version: int, got: list[int]) -> None:
         if any(v != version for v in got):

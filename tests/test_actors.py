@@ -182,6 +182,17 @@ def test_weight_update_changes_outputs_and_version(pool, tiny_model, prompts):
         pool.generate(ids, expected_version=2)
 
 
+def test_pm_vllm_pooling_backend_matches_hf(ray_cluster, pm, pm_dir, prompts):
+    texts, _ = prompts
+    responses = [" I can help with that."] * len(texts)
+    pm_vllm = start_pm_scorer(pm_dir, max_len=256, backend="vllm", kv_cache_gib=0.125)
+    try:
+        got = torch.tensor(ray.get(pm_vllm.score.remote(texts, responses)))
+    finally:
+        ray.kill(pm_vllm)
+    torch.testing.assert_close(got, torch.tensor(ray.get(pm.score.remote(texts, responses))), atol=1e-4, rtol=1e-4)
+
+
 def test_rollout_queue_backpressure_and_stall_names_producer(ray_cluster):
     queue = RolloutQueue(maxsize=1)
     queue.register("gen-fast")
