@@ -25,7 +25,7 @@ STAGES = {
     "online": "Iterated online RLHF rounds (not available yet).",
     "collect": "Comparison collection page (not available yet).",
     "serve": "Serve a trained policy with Ray Serve (not available yet).",
-    "report": "Write the HTML report of a run folder (not available yet).",
+    "report": "Write RUN_DIR/report.html: config, metric curves, reward vs sqrt(KL) and every evaluation found in the run folder.",
 }
 
 
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "prepare-model":
             p.add_argument("name", help="'tiny' or 'smollm2' (or any HF name/folder, passed through)")
             p.add_argument("--cache-dir", default="", help="cache folder (default ~/.cache/hh-ray or $HH_RAY_CACHE)")
+            continue
+        if stage == "report":  # reads files only: no config flags
+            p.add_argument("run", metavar="RUN_DIR", help="run folder (config.yaml, metrics.jsonl, eval folders)")
+            p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
             continue
         if stage == "eval":
             p.add_argument("what", choices=["pm"], help="which evaluation")
@@ -89,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             from hh_ray.models import resolve_model
 
             print(Path(resolve_model(args.name, args.cache_dir)).resolve())
+            return 0
+        if args.stage == "report":
+            from hh_ray.report import build_report
+
+            print(f"report written to {build_report(args.run, args.out)}")
             return 0
         cfg, run_dir = resolve(args)
         return STAGE_RUNNERS[args.stage](cfg, run_dir, args)
@@ -136,7 +145,7 @@ STAGE_RUNNERS = {
     "train-pm": run_train_pm,
     "eval": run_eval,
     "train-ppo": run_train_ppo,
-    **{s: _not_yet(s) for s in ("distill", "sft", "online", "collect", "serve", "report")},
+    **{s: _not_yet(s) for s in ("distill", "sft", "online", "collect", "serve")},
 }
 
 if __name__ == "__main__":
