@@ -1,0 +1,201 @@
+"""The paper's evaluations: Elo, best-of-n, OOD detection and the HTML report.
+
+Known answers worked out by hand (or by a direct numpy computation), and a
+report built from a run folder written here: the report only reads files.
+"""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from hh_ray.best_of_n import best_of_n_curve, best_of_n_kl, expected_best_of_n, max_weights
+from hh_ray.elo import elo_difference, fit_elo, log_likelihood, win_matrix, win_probability
+from hh_ray.ood import (OODDetector, auroc, diagonal_mahalanobis, fit_gaussian, fit_linear_probe, mahalanobis,
+                        relative_mahalanobis)
+from hh_ray.ood_eval import absolute_ridge, evaluate_layer
+
+
+# ---------------------------------------------------------------- Elo
+
+def test_win_probability_by_hand():
+    assert win_probability(0) == pytest.approx(0.5)
+    assert win_probability(400) == pytest.approx(10 / 11)  # 1 / (1 + 10^-1)
+    assert win_probability(-400) == pytest.approx(1 / 11)
+    assert elo_difference(10 / 11) == pytest.approx(400)
+
+
+def test_elo_two_players_by_hand():
+    # A beats B 3 times out of 4: the MLE sets P(A>B) = 3/4, ΔElo = 400·log10(3) = 190.85
+    elo = fit_elo(np.array([[0, 3], [1, 0]]))
+    assert elo[0] - elo[1] == pytest.approx(400 * math.log10(3), abs=1e-6)
+    assert elo.sum() == pytest.approx(0, abs=1e-9)
+
+
+def test_elo_recovers_ratings_from_a_consistent_win_matrix():
+    # Expected wins over 1000 games per pair at ratings (+200, 0, -200) are the MLE's fixed point.
+    true = np.array([200.0, 0.0, -200.0])
+    p = win_probability(true[:, None] - true[None, :])
+    w = 1000 * p * (1 - np.eye(3))
+    assert fit_elo(w) == pytest.approx(true, abs=1e-4)
+
+
+def test_elo_from_simulated_games_and_mle_property():
+    rng = np.random.default_rng(0)
+    true = np.array([300.0, 100.0, -50.0, -350.0])
+    games = [(i, j, float(rng.random() < win_probability(true[i] - true[j])))
+             for _ in range(400) for i in range(4) for j in range(i + 1, 4)]
+    w = win_matrix(4, games)
+    elo = fit_elo(w)
+    assert elo == pytest.approx(true - true.mean(), abs=40)
+    # A maximum: moving any rating lowers the likelihood.
+    for k in range(4):
+        bumped = elo.copy()
+        bumped[k] += 5
+        assert log_likelihood(w, bumped) < log_likelihood(w, elo)
+
+
+def test_elo_finite_when_one_player_wins_everything():
+    elo = fit_elo(np.array([[0, 5], [0, 0]]))
+    assert np.all(np.isfinite(elo)) and elo[0] > elo[1]
+
+
+# ---------------------------------------------------------------- best-of-n
+
+def test_best_of_n_kl_by_hand():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.19315
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)  # 0.63629
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+def test_expected_best_of_n_by_hand():
+    # Scores 1, 2, 3: best of 2 over the three pairs is (2 + 3 + 3) / 3
+    s = np.array([[3.0, 1.0, 2.0]])
+    assert expected_best_of_n(s, 1) == pytest.approx(2.0)
+    assert expected_best_of_n(s, 2) == pytest.approx(8 / 3)
+    assert expected_best_of_n(s, 3) == pytest.approx(3.0)
+    assert max_weights(3, 2) == pytest.approx([0, 1 / 3, 2 / 3])
+
+
+def test_best_of_n_curve_matches_random_subsets():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(5, 8))
+    curve = best_of_n_curve(s)
+    assert [r["n"] for r in curve] == [1, 2, 4, 8]
+    # Monte Carlo over random 4-subsets agrees with the exact estimate.
+    mc = np.mean([s[p, rng.choice(8, 4, replace=False)].max() for _ in range(4000) for p in range(5)])
+    assert curve[2]["reward_pm"] == pytest.approx(mc, abs=0.03)
+    assert curve[3]["sqrt_kl"] == pytest.approx(math.sqrt(math.log(8) - 7 / 8))
+
+
+# ---------------------------------------------------------------- OOD
+
+def test_auroc_by_hand():
+    assert auroc([0, 1], [2, 3]) == 1.0
+    assert auroc([2, 3], [0, 1]) == 0.0
+    # (out, in) pairs: (2,1) win, (2,3) loss, (3,1) win, (3,3) tie -> (2 + 0.5) / 4
+    assert auroc([1, 3], [2, 3]) == pytest.approx(0.625)
+
+
+def test_mahalanobis_on_2d_gaussian():
+    # Σ = [[4, 0], [0, 1]], μ = 0: the point (2, 1) is at squared distance 4/4 + 1/1 = 2.
+    mean = np.zeros(2)
+    assert mahalanobis(np.array([[2.0, 1.0]]), mean, np.diag([0.25, 1.0])) == pytest.approx([2.0])
+    # Correlated Σ = [[1, .8], [.8, 1]]: (1, 1) is close (along the correlation), (1, -1) far.
+    cov = np.array([[1.0, 0.8], [0.8, 1.0]])
+    x = np.array([[1.0, 1.0], [1.0, -1.0]])
+    assert mahalanobis(x, mean, np.linalg.inv(cov)) == pytest.approx([2 / 1.8, 2 / 0.2])
+    # Relative = full − diagonal; the diagonal variances here are 1, distance 2 for both points.
+    assert relative_mahalanobis(x, mean, np.linalg.inv(cov), np.ones(2)) == pytest.approx([2 / 1.8 - 2, 2 / 0.2 - 2])
+
+
+def test_fit_gaussian_matches_numpy():
+    rng = np.random.default_rng(2)
+    x = rng.multivariate_normal([1.0, -1.0], [[2.0, 0.6], [0.6, 0.5]], size=5000)
+    mean, precision, variance = fit_gaussian(x, ridge=0.0)
+    cov = np.cov(x.T, bias=True)
+    assert mean == pytest.approx(x.mean(0))
+    y = x[:3]
+    direct = [(r - x.mean(0)) @ np.linalg.inv(cov) @ (r - x.mean(0)) for r in y]
+    assert mahalanobis(y, mean, precision) == pytest.approx(direct)
+    assert diagonal_mahalanobis(y, mean, variance) == pytest.approx((((y - x.mean(0)) ** 2) / np.diag(cov)).sum(1))
+    # The eval's ridge is relative to the mean unit variance: 0.1 · (2 + 0.5) / 2 ≈ 0.125
+    assert absolute_ridge(x, 0.1) == pytest.approx(0.1 * np.trace(cov) / 2)
+
+
+def test_saved_detector_scores_what_was_measured(tmp_path):
+    rng = np.random.default_rng(3)
+    x_in = rng.multivariate_normal([0, 0], [[1.0, 0.9], [0.9, 1.0]], size=400)
+    # OOD points break the correlation without being far per coordinate: only the full covariance sees them.
+    x_out = rng.multivariate_normal([0, 0], [[1.0, -0.9], [-0.9, 1.0]], size=400)
+    det = OODDetector.fit(x_in[:200], layer=3, ridge=0.0)
+    assert auroc(det.score(x_in[200:]), det.score(x_out)) > 0.85
+    det.threshold = 1.5
+    back = OODDetector.load(det.save(tmp_path / "det"))
+    assert back.layer == 3 and back.threshold == 1.5 and back.method == "relative_mahalanobis"
+    assert back.score(x_out[:5]) == pytest.approx(det.score(x_out[:5]))
+
+
+def test_evaluate_layer_reports_every_method():
+    rng = np.random.default_rng(5)
+    h_in = rng.normal(0, 1, (120, 4))
+    h_out = rng.normal(0, 1, (60, 4)) + [2.0, 0, 0, 0]
+    r = evaluate_layer(h_in, h_out, num_fit=80, shots=[4, 16])
+    assert set(r) == {"auroc_relative_mahalanobis", "auroc_mahalanobis", "auroc_probe_4shot", "auroc_probe_16shot"}
+    assert r["auroc_mahalanobis"] > 0.8 and r["auroc_probe_16shot"] > 0.8
+
+
+def test_linear_probe_learns_a_separating_direction():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, 1, (100, 5)), rng.normal(0, 1, (5, 5)) + [3, 0, 0, 0, 0]])
+    y = np.r_[np.zeros(100), np.ones(5)]
+    w, b = fit_linear_probe(x, y)
+    test_in, test_out = rng.normal(0, 1, (200, 5)), rng.normal(0, 1, (200, 5)) + [3, 0, 0, 0, 0]
+    assert auroc(test_in @ w + b, test_out @ w + b) > 0.9
+
+
+# ---------------------------------------------------------------- the report
+
+def _fake_run(run_dir):
+    """A run folder as train-pm, train-ppo and the evals leave it (written by hand here)."""
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 0\nppo:\n  kl_coef: 0.001\n")
+    rows = [{"stage": "pm", "step": s, "loss": 0.7 - 0.01 * s, "accuracy": 0.5 + 0.01 * s} for s in range(5)]
+    rows += [{"stage": "ppo", "step": s, "kl": 0.04 * s * s, "sqrt_kl": 0.2 * s, "reward_pm": 0.1 + 0.5 * 0.2 * s,
+              "policy_loss": -0.01, "response_length": 30 + s} for s in range(6)]
+    rows += [{"stage": "ppo_eval", "step": 0, "reward_pm_heldout": 0.1},
+             {"stage": "ppo_eval", "step": 5, "reward_pm_heldout": 0.6}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "elo").mkdir()
+    (run_dir / "elo" / "elo.json").write_text(json.dumps(
+        {"method": "PM as judge", "table": [{"model": "init", "elo": -50.0}, {"model": "iter-5", "elo": 50.0}]}))
+
+
+def test_report_shows_every_section(tmp_path):
+    from hh_ray.report import build_report
+
+    run = tmp_path / "run"
+    _fake_run(run)
+    page = build_report(run).read_text()
+    for section in ("config", "metrics", "reward-kl", "elo", "not-run"):
+        assert f'id="{section}"' in page
+    assert "kl_coef: 0.001" in page and "iter-5" in page and "PM as judge" in page
+    # Fit on the exact line reward = 0.1 + 0.5·√KL
+    assert re.search(r"<td>0\.1</td><td>0\.5</td><td>1</td>", page)
+    # curves of the pm, ppo and ppo_eval stages, and reward vs √KL
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
+    assert "best_of_n" in page.split('id="not-run"')[1]  # evaluations without data are named, not drawn
+
+
+def test_report_cli(tmp_path, capsys):
+    from hh_ray.cli import main
+
+    run = tmp_path / "run"
+    _fake_run(run)
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").stat().st_size > 10_000
+    assert main(["report", str(tmp_path / "nope")]) == 2
