@@ -18,7 +18,9 @@ STAGES = {
     "demo": "Run the whole method end to end on the embedded default (SmolLM2-135M, synthetic comparisons): PM, then PPO, then the report.",
     "prepare-model": "Build or convert a local model ('tiny' or 'smollm2') once and print its folder.",
     "train-pm": "Train the preference model (optional PMP stage, then HH finetuning) on a Ray Train learner group.",
-    "eval": "The paper's evaluations (`eval pm`: accuracy, accuracy by turn, calibration).",
+    "eval": "The paper's evaluations: `eval pm` (accuracy, accuracy by turn, calibration), `eval best-of-n` "
+            "(rejection sampling vs analytic KL), `eval elo` (checkpoints rated with the PM as judge), "
+            "`eval ood` (harmful-request detection per layer; saves a detector for serve).",
     "distill": "Context distillation of an HHH prompt into the policy (not available yet).",
     "sft": "Supervised finetuning on chosen responses (not available yet).",
     "train-ppo": "PPO against the PM with a KL penalty: vLLM actors generate, Ray Train learners update.",
@@ -62,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
             continue
         if stage == "eval":
-            p.add_argument("what", choices=["pm"], help="which evaluation")
+            p.add_argument("what", choices=["pm", "best-of-n", "elo", "ood"], help="which evaluation")
             p.add_argument("--pm", required=False, help="trained PM folder")
             p.add_argument("--data", help="comparisons to evaluate on (default: the config's data, held-out part)")
+            from hh_ray.eval_commands import add_arguments
+
+            add_arguments(p)
         _add_config_flags(p)
     return parser
 
@@ -95,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             print(Path(resolve_model(args.name, args.cache_dir)).resolve())
             return 0
         if args.stage == "report":
-            from hh_ray.report import build_report
+            from hh_ray.report import write_report
 
-            print(f"report written to {build_report(args.run, args.out)}")
+            print(f"report written to {write_report(args.run, args.out)}")
             return 0
         cfg, run_dir = resolve(args)
         return STAGE_RUNNERS[args.stage](cfg, run_dir, args)
@@ -122,6 +127,10 @@ def run_train_pm(cfg: Config, run_dir: Path, args) -> int:
 
 
 def run_eval(cfg: Config, run_dir: Path, args) -> int:
+    if args.what != "pm":
+        from hh_ray import eval_commands
+
+        return eval_commands.run(args.what, cfg, run_dir, args)
     from hh_ray.pm_eval import eval_pm_command
 
     return eval_pm_command(cfg, run_dir, pm_dir=args.pm, data=args.data)

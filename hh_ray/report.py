@@ -185,7 +185,7 @@ def evaluation_section(run_dir: Path, name: str, title: str) -> str | None:
 
 # ---------------------------------------------------------------- the page
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN_DIR/report.html (or `out`) and return its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

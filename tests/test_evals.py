@@ -176,11 +176,11 @@ def _fake_run(run_dir):
 
 
 def test_report_shows_every_section(tmp_path):
-    from hh_ray.report import build_report
+    from hh_ray.report import write_report
 
     run = tmp_path / "run"
     _fake_run(run)
-    page = build_report(run).read_text()
+    page = write_report(run).read_text()
     for section in ("config", "metrics", "reward-kl", "elo", "not-run"):
         assert f'id="{section}"' in page
     assert "kl_coef: 0.001" in page and "iter-5" in page and "PM as judge" in page

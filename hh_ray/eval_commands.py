@@ -1,0 +1,231 @@
+"""`hh-ray eval best-of-n | elo | ood`: run an evaluation and save it in the run folder.
+
+Each writes RUN_DIR/<name>/<name>.json (top-level numbers, a "method" line
+and a "table" of rows) and PNGs next to it, which `hh-ray report RUN_DIR`
+picks up. The math is in best_of_n.py, elo.py and ood.py / ood_eval.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hh_ray.config import Config
+from hh_ray.data import DataError, first_prompt, load_comparisons, prompts_of
+
+
+def _save(run_dir: Path, name: str, results: dict) -> Path:
+    folder = Path(run_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=2))
+    return folder
+
+
+def _pm_dir(cfg: Config, run_dir: Path, pm: str | None) -> str:
+    """--pm, else the config's PM, else the run's own pm/."""
+    from hh_ray.models import is_scalar_head_model
+
+    for cand in (pm, cfg.model.pm, str(Path(run_dir) / "pm")):
+        if cand and is_scalar_head_model(cand):
+            return cand
+    raise FileNotFoundError(f"no trained PM: pass --pm (tried {pm!r}, model.pm={cfg.model.pm!r}, {run_dir}/pm)")
+
+
+def eval_prompts(cfg: Config, num: int) -> list[str]:
+    """Held-out prompts of the config's data (as train-pm and train-ppo split it)."""
+    from hh_ray.pm_eval import pm_comparisons
+
+    _, held_out = pm_comparisons(cfg)
+    prompts = prompts_of(held_out)[:num]
+    if not prompts:
+        raise DataError("no held-out prompts")
+    return prompts
+
+
+# ---------------------------------------------------------------- best-of-n
+
+def eval_best_of_n(cfg: Config, run_dir: Path, args) -> int:
+    """Sample N responses per held-out prompt from the initial policy, score with the PM, and plot
+    E[best of n] against √KL = √(log n − (n−1)/n) beside the run's PPO iterations."""
+    from hh_ray.best_of_n import best_of_n_curve, plot_best_of_n
+    from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, resolve_model
+    from hh_ray.sampling import sample_responses, score_samples
+    from hh_ray.tracking import read_metrics
+
+    policy = resolve_model(args.policy or cfg.model.policy, cfg.model.cache_dir)
+    pm_dir = _pm_dir(cfg, run_dir, args.pm)
+    prompts = eval_prompts(cfg, args.num_prompts)
+    model, tok = load_policy(policy, cfg.model.dtype), load_tokenizer(policy)
+    responses = sample_responses(model, tok, prompts, args.n_max, cfg.generation.max_new_tokens,
+                                 cfg.generation.temperature, cfg.model.max_seq_len - cfg.generation.max_new_tokens,
+                                 seed=cfg.seed)
+    pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
+    scores = score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len)
+    curve = best_of_n_curve(scores)
+    results = {"method": f"{args.n_max} samples per prompt from π₀ ({policy}), scored by the PM ({pm_dir}); "
+                         "E[best of n] estimated exactly over all n-subsets; KL = log n − (n−1)/n (analytic).",
+               "num_prompts": len(prompts), "samples_per_prompt": args.n_max, "table": curve}
+    folder = _save(run_dir, "best_of_n", results)
+    plot_best_of_n(curve, read_metrics(run_dir, "ppo"), folder / "best_of_n.png")
+    for r in curve:
+        print(f"n={r['n']:>3}  KL={r['kl']:.3f}  √KL={r['sqrt_kl']:.3f}  PM reward={r['reward_pm']:+.4f}")
+    print(f"saved to {folder}")
+    return 0
+
+
+# ---------------------------------------------------------------- Elo
+
+def plot_elo(table: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(table)), 3.5))
+    ax.bar([r["model"] for r in table], [r["elo"] for r in table], color="tab:blue")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("Elo (PM as judge, mean 0)")
+    ax.tick_params(axis="x", labelsize=7, rotation=20)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def eval_elo(cfg: Config, run_dir: Path, args) -> int:
+    """One response per held-out prompt from each policy; every pair of policies plays each prompt,
+    the PM judging with P(a ≻ b) = σ(r_a − r_b) as a fractional win; Elo by maximum likelihood."""
+    from hh_ray.elo import fit_elo, win_probability
+    from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, resolve_model
+    from hh_ray.sampling import sample_responses, score_samples
+
+    policies = args.policies or [cfg.model.policy, str(Path(run_dir) / "policy")]
+    if len(policies) < 2:
+        raise ValueError("eval elo: give at least two --policies")
+    paths = [resolve_model(p, cfg.model.cache_dir) for p in policies]
+    pm_dir = _pm_dir(cfg, run_dir, args.pm)
+    prompts = eval_prompts(cfg, args.num_prompts)
+    responses = []
+    for path in paths:
+        responses.append(sample_responses(load_policy(path, cfg.model.dtype), load_tokenizer(path), prompts, 1,
+                                          cfg.generation.max_new_tokens, cfg.generation.temperature,
+                                          cfg.model.max_seq_len - cfg.generation.max_new_tokens, seed=cfg.seed))
+    pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
+    scores = np.stack([score_samples(pm, pm_tok, prompts, r, cfg.model.max_seq_len)[:, 0] for r in responses])
+    # Fractional wins: W[i, j] = Σ_prompts σ(r_i − r_j), the PM's preference probability.
+    diff = scores[:, None, :] - scores[None, :, :]
+    wins = (1 / (1 + np.exp(-diff))).sum(-1) * (1 - np.eye(len(paths)))
+    elo = fit_elo(wins)
+    names = [p if not Path(p).exists() else "/".join(Path(p).resolve().parts[-2:]) for p in policies]
+    table = [{"model": n, "elo": float(e), "mean_pm_score": float(s.mean())} for n, e, s in zip(names, elo, scores)]
+    results = {"method": "PM as judge: each pair of policies answers the same held-out prompts; "
+                         "win = σ(r_a − r_b); Elo by maximum likelihood, win prob 1/(1+10^(−ΔElo/400)).",
+               "num_prompts": len(prompts), "pm": pm_dir, "table": table,
+               "win_matrix": wins.tolist(),
+               "predicted_vs_observed": [{"a": names[i], "b": names[j], "observed": wins[i, j] / len(prompts),
+                                          "predicted": float(win_probability(elo[i] - elo[j]))}
+                                         for i in range(len(paths)) for j in range(i + 1, len(paths))]}
+    folder = _save(run_dir, "elo", results)
+    plot_elo(table, folder / "elo.png")
+    for r in table:
+        print(f"{r['model']:<40} Elo {r['elo']:+7.1f}   mean PM score {r['mean_pm_score']:+.4f}")
+    print(f"saved to {folder}")
+    return 0
+
+
+# ---------------------------------------------------------------- OOD detection
+
+def first_turn_prompts(source: str, cfg: Config, num: int) -> list[str]:
+    """The first human request of each distinct conversation: what a deployed detector sees first."""
+    pairs = load_comparisons(source, data_dir=cfg.data.data_dir if source == cfg.data.source else "",
+                             split=cfg.data.split, skip_bad=True, num_synthetic=cfg.data.num_synthetic,
+                             seed=cfg.seed, skip_identical=True)
+    return list(dict.fromkeys(first_prompt(p) for p in prompts_of(pairs)))[:num]
+
+
+def plot_ood(table: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for key in [k for k in table[0] if k.startswith("auroc_")]:
+        ax.plot([r["layer"] for r in table], [r[key] for r in table], "o-", ms=3, label=key[6:])
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="layer (hidden_states index)", ylabel="AUROC helpful vs harmful", ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def eval_ood(cfg: Config, run_dir: Path, args) -> int:
+    from hh_ray.models import load_policy, load_tokenizer, resolve_model
+    from hh_ray.ood import OODDetector, last_prompt_token_activations
+    from hh_ray.ood_eval import absolute_ridge, evaluate_layer
+
+    model_path = resolve_model(args.policy or cfg.model.policy, cfg.model.cache_dir)
+    helpful = first_turn_prompts(args.helpful, cfg, args.num_prompts)
+    harmful = first_turn_prompts(args.harmful or cfg.data.source, cfg, args.num_prompts)
+    if len(helpful) < 4 or len(harmful) < 2:
+        raise DataError(f"eval ood: too few prompts (helpful {len(helpful)}, harmful {len(harmful)})")
+    model, tok = load_policy(model_path, cfg.model.dtype), load_tokenizer(model_path)
+    num_layers = model.config.num_hidden_layers
+    layers = args.layers or sorted({0, num_layers // 4, num_layers // 2, 3 * num_layers // 4, num_layers})
+    num_fit = len(helpful) // 2
+    shots = [k for k in (args.shots or [1, 4, 16]) if k < len(harmful)]
+    table, acts = [], {}
+    for layer in layers:
+        h_in = last_prompt_token_activations(model, tok, helpful, layer, cfg.model.max_seq_len)
+        h_out = last_prompt_token_activations(model, tok, harmful, layer, cfg.model.max_seq_len)
+        acts[layer] = (h_in, h_out)
+        table.append({"layer": layer, **evaluate_layer(h_in, h_out, num_fit, shots, args.ridge, cfg.seed)})
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in table[-1].items()), flush=True)
+    best = max(table, key=lambda r: r["auroc_relative_mahalanobis"])
+    h_in, _ = acts[best["layer"]]
+    fit = h_in[:num_fit]
+    det = OODDetector.fit(fit, best["layer"], ridge=absolute_ridge(fit, args.ridge))
+    # Flag the top 5% of held-out helpful prompts: a false-alarm rate one can state.
+    det.threshold = float(np.quantile(det.score(h_in[num_fit:]), 0.95))
+    results = {"method": (f"Activations of {model_path} at hidden_states[layer], last prompt token; Gaussian fitted "
+                          f"on {num_fit} helpful prompts ({args.helpful}, first human turn), AUROC on the other "
+                          f"{len(helpful) - num_fit} helpful vs {len(harmful)} harmful prompts "
+                          f"({args.harmful or cfg.data.source}, first human turn). Ridge {args.ridge} × mean unit "
+                          "variance. k-shot probe: logistic regression on the fit set plus k harmful prompts, "
+                          "tested on the rest."),
+               "best_layer": best["layer"], "best_auroc_relative_mahalanobis": best["auroc_relative_mahalanobis"],
+               "detector_threshold": det.threshold, "table": table}
+    folder = _save(run_dir, "ood", results)
+    det.save(folder / "detector")
+    plot_ood(table, folder / "ood_auroc_by_layer.png")
+    print(f"best layer {best['layer']}: AUROC {best['auroc_relative_mahalanobis']:.3f}; detector in {folder / 'detector'}")
+    return 0
+
+
+COMMANDS = {"best-of-n": eval_best_of_n, "elo": eval_elo, "ood": eval_ood}
+
+
+def add_arguments(p) -> None:
+    """The flags of these evaluations, added to `hh-ray eval`'s parser."""
+    g = p.add_argument_group("best-of-n / elo / ood")
+    g.add_argument("--policy", help="policy to sample from (best-of-n: π₀) or read activations of (ood); "
+                                    "default model.policy")
+    g.add_argument("--policies", nargs="+", help="elo: policy folders to rate (default: model.policy and RUN_DIR/policy)")
+    g.add_argument("--num-prompts", type=int, default=32, help="held-out prompts (ood: per set)")
+    g.add_argument("--n-max", type=int, default=16, help="best-of-n: samples per prompt (n = 1, 2, 4, … up to this)")
+    g.add_argument("--helpful", default="synthetic", help="ood: in-distribution comparisons (source)")
+    g.add_argument("--harmful", help="ood: harmful-request comparisons (default data.source)")
+    g.add_argument("--layers", type=int, nargs="+", help="ood: hidden_states indices (default 5 spread over depth)")
+    g.add_argument("--shots", type=int, nargs="+", help="ood: k harmful examples for the probe (default 1 4 16)")
+    g.add_argument("--ridge", type=float, default=1e-2, help="ood: covariance ridge, × mean unit variance")
+
+
+def run(what: str, cfg: Config, run_dir: Path, args) -> int:
+    try:
+        return COMMANDS[what](cfg, run_dir, args)
+    except DataError as e:
+        print(f"hh-ray eval {what}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,61 @@
+"""Sample responses with Hugging Face `generate` and score them with the PM, for the evaluations.
+
+The evaluations (best-of-n, Elo) need a few hundred samples, not a training
+stream, so they use HF generate in-process: no actors to start, the same
+numbers on CPU and GPU. PPO itself samples with vLLM actors (actors/).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hh_ray.data import HUMAN
+
+
+def cut_at_next_turn(response: str) -> str:
+    """A response ends where the policy starts writing the human's next turn."""
+    cut = response.find(HUMAN)
+    return response if cut < 0 else response[:cut]
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
+                     max_prompt_len: int = 384, seed: int = 0, batch_size: int = 8) -> list[list[str]]:
+    """n sampled responses per prompt, [prompts][n]."""
+    model.eval()
+    torch.manual_seed(seed)
+    tokenizer.padding_side = "left"  # generation continues from the last column
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [ids[-max_prompt_len:] for ids in tokenizer(prompts[i: i + batch_size], add_special_tokens=False)["input_ids"]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r):], mask[j, width - len(r):] = torch.tensor(r), 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=1.0,
+                             top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad)
+        texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        out += [[cut_at_next_turn(t) for t in texts[j * n:(j + 1) * n]] for j in range(len(rows))]
+    return out
+
+
+@torch.no_grad()
+def pm_score_texts(pm, pm_tokenizer, texts: list[str], max_len: int, batch_size: int = 16) -> np.ndarray:
+    """PM score of each full transcript (prompt + response), read at the end-of-context token."""
+    from hh_ray.models import encode_for_pm, pm_scores
+
+    pm.eval()
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = encode_for_pm(pm_tokenizer, texts[i: i + batch_size], max_len)
+        scores.append(pm_scores(pm, enc["input_ids"], enc["attention_mask"]).float().numpy())
+    return np.concatenate(scores)
+
+
+def score_samples(pm, pm_tokenizer, prompts: list[str], responses: list[list[str]], max_len: int) -> np.ndarray:
+    """[prompts, n] PM scores of sampled responses."""
+    flat = [p + r for p, rs in zip(prompts, responses) for r in rs]
+    return pm_score_texts(pm, pm_tokenizer, flat, max_len).reshape(len(prompts), -1)
