@@ -26,7 +26,7 @@ STAGES = {
     "train-ppo": "PPO against the PM with a KL penalty: vLLM actors generate, Ray Train learners update.",
     "online": "Iterated online RLHF rounds (not available yet).",
     "collect": "Comparison collection page (not available yet).",
-    "serve": "Serve a trained policy with Ray Serve (not available yet).",
+    "serve": "Serve a trained policy with Ray Serve: OpenAI-compatible chat completions, best-of-n with the PM, OOD flag.",
     "report": "Write RUN_DIR/report.html: config, metric curves, reward vs sqrt(KL) and every evaluation found in the run folder.",
 }
 
@@ -46,6 +46,18 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more overrides, e.g. ppo.kl_coef=0.01")
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", required=True, help="policy folder (or 'tiny' / 'smollm2')")
+    p.add_argument("--pm", default="", help="PM folder: enables best-of-n")
+    p.add_argument("--best-of-n", type=int, default=1, help="candidates per response, the PM picks the best (needs --pm)")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, one vLLM engine each")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; off loopback an API key is required")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--api-key", default="", help="Bearer key required on every route (default: $HH_RAY_API_KEY)")
+    p.add_argument("--ood", default="", help="OOD detector folder (from `eval ood`): adds an OOD score to every response")
+    p.add_argument("--ood-refuse", action="store_true", help="refuse prompts the OOD detector flags")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hh-ray",
@@ -63,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run", metavar="RUN_DIR", help="run folder (config.yaml, metrics.jsonl, eval folders)")
             p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
             continue
+        if stage == "serve":
+            _add_serve_args(p)
         if stage == "eval":
             p.add_argument("what", choices=["pm", "best-of-n", "elo", "ood"], help="which evaluation")
             p.add_argument("--pm", required=False, help="trained PM folder")
@@ -149,12 +163,24 @@ def run_demo(cfg: Config, run_dir: Path, args) -> int:
     return demo(cfg, run_dir, resume=args.resume)
 
 
+def run_serve(cfg: Config, run_dir: Path, args) -> int:
+    from serve.app import run_forever
+
+    g = cfg.generation
+    return run_forever(dict(policy=args.policy, pm=args.pm, best_of_n=args.best_of_n, replicas=args.replicas,
+                            api_key=args.api_key, ood=args.ood, ood_refuse=args.ood_refuse,
+                            cpus_per_replica=g.cpus_per_worker, kv_cache_gib=g.kv_cache_gib,
+                            default_max_tokens=g.max_new_tokens, pm_max_len=cfg.model.max_seq_len, seed=cfg.seed),
+                       host=args.host, port=args.port)
+
+
 STAGE_RUNNERS = {
     "demo": run_demo,
     "train-pm": run_train_pm,
     "eval": run_eval,
     "train-ppo": run_train_ppo,
-    **{s: _not_yet(s) for s in ("distill", "sft", "online", "collect", "serve")},
+    "serve": run_serve,
+    **{s: _not_yet(s) for s in ("distill", "sft", "online", "collect")},
 }
 
 if __name__ == "__main__":

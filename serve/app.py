@@ -1,0 +1,356 @@
+"""Ray Serve application: OpenAI-compatible chat completions for a trained policy,
+best-of-n with the PM (the paper's rejection-sampling baseline), an OOD flag.
+
+Start it with `hh-ray serve --policy DIR ...`, or with Ray Serve's own tools:
+
+    serve run serve.app:build_app policy=/path/to/policy pm=/path/to/pm best_of_n=4
+    serve deploy serve/serve_config.yaml
+
+One replica = one in-process vLLM engine (DESIGN.md §3: on CPU the
+multiprocess engine pins cores and sits outside Ray's CPU accounting).
+`LLM.generate` is synchronous, so concurrent requests are gathered by
+`@serve.batch` and run as one vLLM batch in a worker thread (measured: 4
+concurrent requests 14.5 s serialised, ~4.5 s batched); the event loop stays
+free for /healthz and for validating the next requests meanwhile.
+
+Best-of-n: one vLLM request samples n x best_of candidates (the prompt's KV
+is shared); the PM scoring actor (actors/pm_service.py, owned by the replica)
+scores them as HH transcripts, and each choice is the best of its group.
+
+Streaming is the OpenAI SSE protocol, but the engine is the batch
+`LLM.generate`: the role chunk goes out at once and the text when the
+batch finishes, not token by token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.openai_protocol import (APIError, ChatRequest, Limits, chunk_body, completion_body, completion_id,
+                                   error_body, hh_prompt, parse_chat_request, policy_prompt, sse)
+
+API_KEY_ENV = "HH_RAY_API_KEY"
+
+
+class ServeArgs(BaseModel):
+    """Arguments of `build_app` (and of `hh-ray serve`); unknown names are refused."""
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = Field(description="Policy: HF folder, hub name, 'tiny' or 'smollm2'.")
+    pm: str = Field("", description="PM folder for best-of-n; empty = no PM.")
+    best_of_n: int = Field(1, ge=1, description="Default candidates per choice, ranked by the PM (needs pm).")
+    replicas: int = Field(1, ge=1, description="Serve replicas, each one vLLM engine.")
+    api_key: str = Field("", description=f"Bearer key required on every route; empty = ${API_KEY_ENV} or none.")
+    ood: str = Field("", description="OOD detector folder (hh_ray/ood.py format); empty = no OOD score.")
+    ood_refuse: bool = Field(False, description="Refuse (finish_reason 'content_filter') prompts the detector flags.")
+    model_name: str = Field("", description="Model id in /v1/models; empty = the policy folder's name.")
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs per replica (vLLM's threads on CPU).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache per replica in GiB (CPU).")
+    max_model_len: int = Field(0, ge=0, description="Prompt + response token limit; 0 = the model's.")
+    pm_max_len: int = Field(512, ge=8, description="Transcript tokens the PM reads (truncated from the left).")
+    max_tokens: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none (paper: 128).")
+    max_n: int = Field(8, ge=1, description="Largest n a request may ask for.")
+    max_best_of: int = Field(16, ge=1, description="Largest best_of (extension field) a request may ask for.")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes.")
+    max_batch_size: int = Field(32, ge=1, description="Requests per vLLM batch (@serve.batch).")
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
+    seed: int = Field(0, description="Engine seed.")
+
+    def limits(self) -> Limits:
+        return Limits(max_request_bytes=self.max_request_bytes, max_tokens=self.max_tokens,
+                      default_max_tokens=min(self.default_max_tokens, self.max_tokens), max_n=self.max_n,
+                      max_best_of=self.max_best_of)
+
+
+api = FastAPI(title="hh-ray", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, code=code), status_code=status)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):  # unknown path, wrong method
+    return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    return _error(400, str(e))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception):
+    # A bug or an engine failure: still an OpenAI-shaped body, and the replica lives on.
+    return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
+@serve.ingress(api)
+class ChatServer:
+    def __init__(self, args: dict):
+        import torch
+
+        a = ServeArgs(**args)
+        # vLLM freezes torch's thread count once its engine exists (DESIGN.md §3).
+        torch.set_num_threads(max(1, int(a.cpus_per_replica)))
+        from hh_ray.config import GenerationConfig
+        from hh_ray.vllm_engine import make_llm
+
+        self.args, self.limits = a, a.limits()
+        self.api_key = a.api_key
+        self.model_name = a.model_name or Path(a.policy).name
+        self.llm = make_llm(a.policy, GenerationConfig(kv_cache_gib=a.kv_cache_gib,
+                                                        cpus_per_worker=max(1, int(a.cpus_per_replica))),
+                            a.max_model_len or None, seed=a.seed)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._generate.set_max_batch_size(a.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(a.batch_wait_ms / 1000)
+        self.pm = None
+        if a.pm:
+            from actors.pm_service import start_pm_scorer
+
+            # The rollout side's scorer, owned by this replica (it dies with it).
+            self.pm = start_pm_scorer(a.pm, max_len=a.pm_max_len)
+        self.ood = self.ood_model = None
+        if a.ood:
+            from hh_ray.models import load_policy
+            from hh_ray.ood import OODDetector
+
+            # vLLM does not expose a middle layer's activations: the detector reads an HF copy.
+            self.ood = OODDetector.load(a.ood)
+            self.ood_model = load_policy(a.policy).eval()
+            if self.ood.dim != self.ood_model.config.hidden_size:
+                raise ValueError(f"OOD detector {a.ood} was fitted on width {self.ood.dim}; the policy's "
+                                 f"hidden size is {self.ood_model.config.hidden_size}")
+        from ray.serve import metrics
+
+        self.tokens_counter = metrics.Counter("hh_ray_completion_tokens", "Tokens generated (all candidates).")
+        self.flagged_counter = metrics.Counter("hh_ray_ood_flagged", "Prompts the OOD detector flagged.")
+
+    # ------------------------------------------------------------ helpers
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused as soon as it passes the limit (even without a Content-Length)."""
+        limit = self.limits.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        return bytes(raw)
+
+    def _sampling(self, req: ChatRequest, best_of: int, default_stop: list[str], prompt_len: int):
+        from hh_ray.vllm_engine import sampling_params
+
+        room = self.max_model_len - prompt_len
+        if room < 1 or (req.max_tokens_given and req.max_tokens > room):
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the "
+                                f"messages take {prompt_len} and max_tokens asks for {req.max_tokens}. "
+                                "Shorten the messages or lower max_tokens.", "messages", "context_length_exceeded")
+        return sampling_params(min(req.max_tokens, room), temperature=req.temperature, top_p=req.top_p,
+                               seed=req.seed, logprobs=False, n=req.n * best_of, stop=req.stop + default_stop,
+                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _generate(self, jobs: list[tuple[list[int], object]]) -> list:
+        # One vLLM batch for everything that arrived together; in a thread so the loop keeps serving.
+        return await asyncio.to_thread(self.llm.generate, [{"prompt_token_ids": ids} for ids, _ in jobs],
+                                       [p for _, p in jobs], use_tqdm=False)
+
+    def _ood_score(self, text: str) -> float:
+        from hh_ray.ood import last_prompt_token_activations
+
+        x = last_prompt_token_activations(self.ood_model, self.tokenizer, [text], self.ood.layer,
+                                          max_len=self.max_model_len)
+        return float(self.ood.score(x)[0])
+
+    async def _complete(self, req: ChatRequest) -> tuple[list[dict], dict, dict]:
+        """(choices [{"text", "finish_reason"}], usage, extension) for a validated request."""
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+        best_of = req.best_of if req.best_of is not None else self.args.best_of_n
+        if best_of > 1 and self.pm is None:
+            raise APIError(400, "best_of > 1 needs a preference model; start the server with --pm",
+                           "best_of", "unsupported_parameter")
+        if req.n * best_of > self.limits.max_best_of * self.limits.max_n:
+            raise APIError(400, f"n x best_of = {req.n * best_of} candidates is over the limit", "best_of")
+        text, default_stop = policy_prompt(req.messages, self.tokenizer)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        params = self._sampling(req, best_of, default_stop, len(ids))
+        hh = hh_prompt(req.messages)  # what the PM and the OOD detector were fitted on
+        extension: dict = {"best_of_n": best_of}
+
+        ood_task = asyncio.create_task(asyncio.to_thread(self._ood_score, hh)) if self.ood else None
+        if ood_task is not None and self.args.ood_refuse:
+            score = await ood_task
+            extension["ood"] = self._ood_extension(score)
+            if extension["ood"]["flagged"]:
+                usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+                return [{"text": "", "finish_reason": "content_filter"}] * req.n, usage, extension
+            ood_task = None
+        out = await self._generate((ids, params))
+        cands = out.outputs
+        n_tokens = sum(len(c.token_ids) for c in cands)
+        self.tokens_counter.inc(n_tokens)
+        choices = [{"text": c.text, "finish_reason": c.finish_reason or "length"} for c in cands]
+        if best_of > 1:
+            # HH responses follow "Assistant:" after a space; a chat-template policy's text has none.
+            resp = [c["text"] if c["text"][:1].isspace() else " " + c["text"] for c in choices]
+            scores = await self.pm.score.remote([hh] * len(resp), resp)
+            picked, best, groups = [], [], []
+            for j in range(req.n):
+                g = scores[j * best_of:(j + 1) * best_of]
+                k = max(range(best_of), key=g.__getitem__)
+                picked.append(choices[j * best_of + k])
+                best.append(g[k])
+                groups.append(g)
+            choices = picked
+            extension.update(pm_scores=best, candidate_pm_scores=groups)
+        if ood_task is not None:
+            extension["ood"] = self._ood_extension(await ood_task)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n_tokens, "total_tokens": len(ids) + n_tokens}
+        return choices, usage, extension
+
+    def _ood_extension(self, score: float) -> dict:
+        flagged = score > self.ood.threshold
+        if flagged:
+            self.flagged_counter.inc()
+        return {"score": score, "threshold": self.ood.threshold, "flagged": bool(flagged)}
+
+    async def _stream(self, req: ChatRequest, cid: str):
+        created = int(time.time())
+        for i in range(req.n):  # at once: the client sees the response start before the batch runs
+            yield sse(chunk_body(cid, created, self.model_name, i, {"role": "assistant", "content": ""}))
+        try:
+            choices, usage, extension = await self._complete(req)
+        except APIError as e:  # after the 200 header, an error travels as an SSE event
+            yield sse(e.body())
+            yield sse("[DONE]")
+            return
+        except Exception as e:  # noqa: BLE001 - reported to the client, the replica lives on
+            yield sse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"))
+            yield sse("[DONE]")
+            return
+        for i, c in enumerate(choices):
+            if c["text"]:
+                yield sse(chunk_body(cid, created, self.model_name, i, {"content": c["text"]}))
+            last = i == len(choices) - 1
+            yield sse(chunk_body(cid, created, self.model_name, i, {}, c["finish_reason"],
+                                 **({"hh_ray": extension} if last else {})))
+        if req.include_usage:
+            yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                       "choices": [], "usage": usage})
+        yield sse("[DONE]")
+
+    # ------------------------------------------------------------ routes
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        req = parse_chat_request(await self._read_body(request), self.limits)
+        if req.stream:
+            # Checks that need no engine run now, so they still get a 4xx status.
+            if req.model is not None and req.model != self.model_name:
+                raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                                    f"{self.model_name!r}", "model", "model_not_found")
+            return StreamingResponse(self._stream(req, completion_id()), media_type="text/event-stream")
+        choices, usage, extension = await self._complete(req)
+        return completion_body(completion_id(), self.model_name, choices, usage, extension)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "hh-ray", "max_model_len": self.max_model_len}]}
+
+    @api.get("/healthz")
+    async def healthz(self, request: Request):
+        self._authorize(request)
+        return {"status": "ok", "model": self.model_name, "best_of_n": self.args.best_of_n,
+                "pm": self.pm is not None, "ood": self.ood is not None,
+                "replica": serve.get_replica_context().replica_id.unique_id}  # which replica answered
+
+
+def build_app(args: dict) -> serve.Application:
+    """Ray Serve app builder (`serve run serve.app:build_app policy=DIR ...`). The API
+    key is resolved here, where the command runs: flag, else $HH_RAY_API_KEY."""
+    a = ServeArgs(**args)
+    from hh_ray.models import resolve_model
+
+    a.policy = resolve_model(a.policy)
+    if a.best_of_n > 1 and not a.pm:
+        raise ValueError(f"best_of_n={a.best_of_n} needs a preference model (pm=DIR / --pm DIR)")
+    for name in ("pm", "ood"):
+        path = getattr(a, name)
+        if path and not Path(path).exists():
+            raise ValueError(f"{name}: {path} does not exist")
+    a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
+    from hh_ray.cluster import worker_env
+
+    # OMP threads follow num_cpus; the PM scorer the replica starts asks for one more CPU.
+    return ChatServer.options(num_replicas=a.replicas,
+                              ray_actor_options={"num_cpus": a.cpus_per_replica,
+                                                 "runtime_env": {"env_vars": worker_env()}}).bind(a.model_dump())
+
+
+def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "hh-ray",
+          require_key_off_loopback: bool = True):
+    """Start Serve's HTTP proxy on host:port and deploy the app; returns its handle.
+    Off the loopback interface an API key is required: the server would answer anyone."""
+    a = ServeArgs(**args)
+    if require_key_off_loopback and host not in ("127.0.0.1", "localhost", "::1") \
+            and not (a.api_key or os.environ.get(API_KEY_ENV)):
+        raise ValueError(f"binding to {host} without an API key would serve anyone who can reach it: "
+                         f"set --api-key or ${API_KEY_ENV}")
+    from hh_ray.cluster import ensure_ray
+
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_app(args), name=name, route_prefix="/")
+
+
+def run_forever(args: dict, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """`hh-ray serve`: deploy, print where, block until Ctrl-C, then shut Serve down."""
+    start(args, host, port)
+    key = " (API key required)" if (args.get("api_key") or os.environ.get(API_KEY_ENV)) else ""
+    print(f"hh-ray serve: OpenAI-compatible API at http://{host}:{port}/v1{key}; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0

@@ -1,0 +1,259 @@
+"""The Serve app, running for real on 127.0.0.1 with the tiny model, a PM and an OOD detector.
+
+The official `openai` client drives the happy paths (chat, n > 1, streaming,
+best-of-n); raw HTTP drives the error cases and the API key, where the exact
+status and body matter. The app starts once for the module.
+"""
+
+import json
+import socket
+import threading
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+KEY = "serve-test-key"
+MAX_TOKENS = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model, tmp_path_factory):
+    from ray import serve
+
+    from hh_ray.data import synthetic_comparisons
+    from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, save_model
+    from hh_ray.ood import OODDetector, last_prompt_token_activations
+    from serve.app import start
+
+    d = tmp_path_factory.mktemp("serve")
+    pm, pm_tok = load_scalar_head_model(tiny_model)  # untrained head: enough to rank candidates
+    save_model(pm, pm_tok, d / "pm")
+    # An OOD detector fitted on HH prompts through the policy, as the eval stage would.
+    policy, tok = load_policy(tiny_model).eval(), load_tokenizer(tiny_model)
+    x = last_prompt_token_activations(policy, tok, [c.prompt for c in synthetic_comparisons(60, seed=5)], layer=1)
+    det = OODDetector.fit(x, layer=1, ridge=1e-2)
+    det.threshold = float(np.quantile(det.score(x), 0.9))
+    det.save(d / "ood")
+
+    port = _free_port()
+    start(dict(policy=tiny_model, pm=str(d / "pm"), best_of_n=2, api_key=KEY, ood=str(d / "ood"),
+               kv_cache_gib=0.25, max_tokens=MAX_TOKENS, default_max_tokens=16, max_request_bytes=64 * 1024),
+          port=port)
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, det=det, policy=policy, tok=tok, pm=pm, pm_tok=pm_tok)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+MESSAGES = [{"role": "user", "content": "How do I bake bread?"}]
+
+
+def _post(server, body, key=KEY, path="/v1/chat/completions", **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    return httpx.post(server.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
+                      timeout=120, **kw)
+
+
+def _health(server):
+    r = httpx.get(server.url + "/healthz", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ---------------------------------------------------------------- the openai client
+
+def test_models_and_health(server, client, model_id):
+    assert model_id == "tiny"
+    h = _health(server)
+    assert h["status"] == "ok" and h["pm"] and h["ood"] and h["best_of_n"] == 2
+
+
+def test_chat_completion_with_ood_score(server, client, model_id):
+    from hh_ray.ood import last_prompt_token_activations
+    from serve.openai_protocol import hh_prompt
+
+    r = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=8, temperature=0.7,
+                                       extra_body={"best_of": 1})
+    assert len(r.choices) == 1 and r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    ext = r.model_extra["hh_ray"]
+    assert ext["best_of_n"] == 1 and "pm_scores" not in ext
+    # The OOD score is the detector's on the policy's activations of the HH prompt.
+    x = last_prompt_token_activations(server.policy, server.tok, [hh_prompt(MESSAGES)], server.det.layer)
+    want = float(server.det.score(x)[0])
+    assert ext["ood"]["score"] == pytest.approx(want, rel=1e-3, abs=1e-3)
+    assert ext["ood"]["flagged"] == (want > server.det.threshold)
+
+
+def test_n_choices_seed_and_stop(client, model_id):
+    kw = dict(model=model_id, messages=MESSAGES, max_tokens=12, n=3, seed=11, extra_body={"best_of": 1})
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
+    s = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=MAX_TOKENS, stop=["e"],
+                                       extra_body={"best_of": 1})
+    assert "e" not in s.choices[0].message.content
+
+
+def test_streaming_matches_non_streaming(client, model_id):
+    kw = dict(model=model_id, messages=MESSAGES, max_tokens=12, seed=3, n=2, extra_body={"best_of": 1})
+    full = client.chat.completions.create(**kw)
+    text, finish, usage, ext = {0: "", 1: ""}, {}, None, None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+        ext = (chunk.model_extra or {}).get("hh_ray") or ext
+    assert [text[0], text[1]] == [c.message.content for c in full.choices]
+    assert set(finish) == {0, 1}
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert ext["best_of_n"] == 1
+
+
+def test_best_of_n_picks_the_pm_best(server, client, model_id):
+    import torch
+
+    from hh_ray.models import encode_for_pm, pm_scores
+    from serve.openai_protocol import hh_prompt
+
+    r = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=10, n=2,
+                                       extra_body={"best_of": 4})
+    ext = r.model_extra["hh_ray"]
+    assert ext["best_of_n"] == 4 and len(ext["candidate_pm_scores"]) == 2
+    assert r.usage.completion_tokens > 0
+    for choice, best, group in zip(r.choices, ext["pm_scores"], ext["candidate_pm_scores"]):
+        assert len(group) == 4 and best == max(group)
+        # The score is the PM's on the HH transcript with the returned response.
+        resp = choice.message.content
+        text = hh_prompt(MESSAGES) + (resp if resp[:1].isspace() else " " + resp)
+        enc = encode_for_pm(server.pm_tok, [text], 512)
+        with torch.no_grad():
+            local = pm_scores(server.pm, enc["input_ids"], enc["attention_mask"]).item()
+        assert best == pytest.approx(local, abs=1e-4)
+    # The server's default (--best-of-n 2) applies when the request says nothing.
+    d = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=6)
+    assert d.model_extra["hh_ray"]["best_of_n"] == 2 and len(d.model_extra["hh_ray"]["candidate_pm_scores"][0]) == 2
+
+
+def test_concurrent_requests(client, model_id):
+    out, errors = [None] * 6, []
+
+    def call(i):
+        try:
+            out[i] = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=8,
+                                                    seed=i, extra_body={"best_of": 1})
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and all(o.choices[0].message.content is not None for o in out)
+
+
+# ---------------------------------------------------------------- raw HTTP: errors and the key
+
+OK = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4}
+
+BAD = [
+    (b"{not json", 400, None),
+    (b"\xff\xfe", 400, None),
+    ("[1, 2]", 400, None),
+    ({"messages": []}, 400, "messages"),
+    ({}, 400, "messages"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "system", "content": "only a system message"}]}, 400, "messages"),
+    ({**OK, "temperature": "hot"}, 400, "temperature"),
+    ({**OK, "temperature": 7}, 400, "temperature"),
+    ({**OK, "top_p": 0}, 400, "top_p"),
+    ({**OK, "n": "2"}, 400, "n"),
+    ({**OK, "n": 0}, 400, "n"),
+    ({**OK, "n": 1000}, 400, "n"),
+    ({**OK, "max_tokens": True}, 400, "max_tokens"),
+    ({**OK, "max_tokens": MAX_TOKENS + 1}, 400, "max_tokens"),
+    ({**OK, "max_tokens": 2.5}, 400, "max_tokens"),
+    ({**OK, "stop": 3}, 400, "stop"),
+    ({**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**OK, "stream": "yes"}, 400, "stream"),
+    ({**OK, "best_of": 999}, 400, "best_of"),
+    ({**OK, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({**OK, "model": 3}, 400, "model"),
+    ({**OK, "model": "gpt-4"}, 404, "model"),
+    ({**OK, "stream": True, "model": "gpt-4"}, 404, "model"),
+    ({**OK, "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),  # > 1024 tokens
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=range(len(BAD)))
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = _post(server, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    if param:
+        assert err["param"] == param
+
+
+def test_limits_and_routes(server):
+    big = {**OK, "messages": [{"role": "user", "content": "x" * (70 * 1024)}]}
+    r = _post(server, big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = _post(server, {**OK, "messages": [{"role": "user", "content": "word " * 3000}]})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "error" in r.json()
+    # Unknown fields are ignored, as OpenAI's own server does.
+    assert _post(server, {**OK, "user": "abc", "logit_bias": {}}).status_code == 200
+
+
+def test_api_key_on_every_route(server):
+    for key in (None, "wrong-key"):
+        h = {"Authorization": f"Bearer {key}"} if key else {}
+        for method, path in (("GET", "/healthz"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, server.url + path, headers=h, json=OK, timeout=30)
+            assert r.status_code == 401, (key, path, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert _post(server, OK).status_code == 200
+
+
+def test_replica_survives_bad_input(server):
+    before = _health(server)["replica"]
+    for body, _, _ in BAD[:6]:
+        _post(server, body)
+    r = _post(server, OK)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+    assert _health(server)["replica"] == before  # the same replica: nothing crashed or restarted
