@@ -257,3 +257,34 @@ def test_replica_survives_bad_input(server):
     r = _post(server, OK)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
     assert _health(server)["replica"] == before  # the same replica: nothing crashed or restarted
+
+
+# ---------------------------------------------------------------- building the app (no server needed)
+
+def test_app_builder_refuses_bad_arguments(tiny_model, monkeypatch):
+    from pydantic import ValidationError
+
+    from serve.app import build_app, start
+
+    with pytest.raises(ValueError, match="needs a preference model"):
+        build_app({"policy": tiny_model, "best_of_n": 4})
+    with pytest.raises(ValidationError):
+        build_app({"policy": tiny_model, "best_of": 4})  # a typo is refused, not ignored
+    with pytest.raises(ValueError, match="does not exist"):
+        build_app({"policy": tiny_model, "ood": "/nonexistent/detector"})
+    monkeypatch.delenv("HH_RAY_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="without an API key"):
+        start({"policy": tiny_model}, host="0.0.0.0")
+
+
+def test_serve_config_file_is_valid():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import ServeArgs
+
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "serve" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(cfg)
+    ServeArgs(**cfg["applications"][0]["args"])
