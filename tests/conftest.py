@@ -51,3 +51,18 @@ def ray_cluster(cache_dir):
 def hh_data_dir():
     d = os.environ.get("HH_DATA_DIR")
     return Path(d) if d and Path(d).exists() else None
+
+
+def tiny_config(**overrides):
+    """configs/tiny.yaml with overrides (dotted keys), W&B offline."""
+    from hh_ray.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny.yaml", {"tracking.wandb": "offline", **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_pm(ray_cluster, tiny_model, tmp_path_factory):
+    """A PM trained on the synthetic comparisons with the tiny backbone (~1 minute), shared by the session."""
+    from learners.pm_learner import train_pm
+
+    return str(train_pm(tiny_config(), tmp_path_factory.mktemp("pm-run")))
