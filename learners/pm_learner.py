@@ -81,23 +81,37 @@ def _state_dict_options():
 
     # Full (unsharded) tensors gathered on rank 0 on the CPU: the same files
     # whether DDP or FSDP wrote them, and flat names safetensors can hold.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def split_tensors(flat: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors for safetensors, everything else for JSON) of a flat state dict."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in flat.items() if isinstance(v, torch.Tensor)}
-    rest = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
-    return tensors, rest
+def optimizer_to_files(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors as "<param name>/<key>", the JSON-able rest) of a full optimizer state dict keyed by names."""
+    tensors, scalars = {}, {}
+    for name, state in optim_sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{name}/{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{name}/{k}"] = v
+    return tensors, {"param_groups": optim_sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = v
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def write_checkpoint(folder: Path, model_sd: dict, optim_sd: dict, state: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file(split_tensors(model_sd)[0], str(folder / "model.safetensors"))
-    tensors, rest = split_tensors(optim_sd)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_sd.items()}, str(folder / "model.safetensors"))
+    tensors, meta = optimizer_to_files(optim_sd)
     save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "optimizer.json").write_text(json.dumps(rest))
+    (folder / "optimizer.json").write_text(json.dumps(meta))
     # state.json last: a folder without it is an unfinished save.
     (folder / "state.json").write_text(json.dumps(state, indent=1))
 
@@ -106,9 +120,8 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     """(model tensors, flat optimizer state, training state) of a checkpoint folder."""
     from safetensors.torch import load_file
 
-    optim = load_file(str(folder / "optimizer.safetensors"))
-    for k, v in json.loads((folder / "optimizer.json").read_text()).items():
-        optim[k] = tuple(v) if isinstance(v, list) else v  # AdamW's betas
+    optim = optimizer_from_files(load_file(str(folder / "optimizer.safetensors")),
+                                 json.loads((folder / "optimizer.json").read_text()))
     return (load_file(str(folder / "model.safetensors")), optim,
             json.loads((folder / "state.json").read_text()))
 
@@ -206,11 +219,13 @@ def train_loop_per_worker(config: dict) -> None:
         model.gradient_checkpointing_enable()
 
     pos, optim_sd = fresh_position(), None
+    # Ray's own checkpoint after a worker-group restart within this fit(),
+    # else the one --resume named (Ray Train V2 deprecates resume_from_checkpoint).
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
+    with ckpt.as_directory() if ckpt else contextlib.nullcontext(config["resume_from"]) as d:
+        if d:
             model_sd, optim_sd, pos = read_checkpoint(Path(d))
-        model.load_state_dict(model_sd)
+            model.load_state_dict(model_sd)
     model = ray.train.torch.prepare_model(model, parallel_strategy=config["strategy"])
 
     stages = ray.get(config["stages"][0])  # wrapped in a list so Ray does not resolve it on the way
@@ -308,7 +323,6 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     checkpoint it wrote, which `resume=True` continues from.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train import Checkpoint as RayCheckpoint
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
     from tqdm import tqdm
@@ -356,14 +370,14 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
             "seed": cfg.seed, "epochs": cfg.pm.epochs, "batch_size": cfg.pm.batch_size,
             "grad_accum": cfg.pm.grad_accum, "weight_decay": cfg.pm.weight_decay,
             "checkpoint_every": cfg.pm.checkpoint_every, "max_len": cfg.model.max_seq_len,
-            "stop_after_steps": stop_after_steps, "pm_dir": str(run_dir / "pm"), "metrics_queue": queue},
+            "stop_after_steps": stop_after_steps, "pm_dir": str(run_dir / "pm"), "metrics_queue": queue,
+            "resume_from": str(latest) if resume else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.pm.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": worker_env()}),
-        resume_from_checkpoint=RayCheckpoint(str(latest)) if resume else None,
     )
 
     bar = tqdm(total=total, initial=start, unit="pair", desc="PM", dynamic_ncols=True)

@@ -1,0 +1,197 @@
+"""PM training on a real local Ray cluster with the tiny model.
+
+One uninterrupted run is shared (module fixture): two DDP workers, gradient
+accumulation, a PMP stage then finetuning. It must learn the synthetic rule,
+and a run stopped inside PMP and resumed must see exactly the same pairs and
+end with the same weights. Three fits in all keep this file near 2 minutes.
+"""
+
+import json
+
+import pytest
+import torch
+
+from hh_ray.config import load_config
+from hh_ray.data import DataError, synthetic_comparisons, write_jsonl
+from hh_ray.tracking import read_metrics
+from learners.pm_learner import (build_stages, epoch_order, latest_checkpoint, steps_per_epoch, train_pm,
+                                 worker_micro_batches)
+
+# PMP: 600 pairs = 18 steps of 32 + a tail of 24; finetune: 540 = 16 × 32 + 28; 60 held out.
+OVERRIDES = {"data.num_synthetic": 600, "pm.pmp_source": "synthetic", "pm.pmp_lr": 0.002,
+             "pm.num_workers": 2, "pm.grad_accum": 2, "pm.checkpoint_every": 10, "tracking.wandb": "disabled"}
+PMP_STEPS, FINETUNE_STEPS, PAIRS = 19, 17, 600 + 540
+
+
+def tiny_cfg(**more):
+    return load_config("configs/tiny.yaml", {**OVERRIDES, **more})
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_cluster, tiny_model, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pm-full")
+    assert train_pm(tiny_cfg(), run_dir) == run_dir.resolve() / "pm"
+    return run_dir
+
+
+def _weights(pm_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(pm_dir / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def test_data_order_is_a_function_of_seed_stage_epoch():
+    assert epoch_order(50, 0, 1, 2) == epoch_order(50, 0, 1, 2)
+    assert epoch_order(50, 0, 1, 2) != epoch_order(50, 0, 1, 3)
+    assert sorted(epoch_order(50, 0, 0, 0)) == list(range(50))
+
+
+def test_micro_batches_cover_the_step_once():
+    batch = list(range(10, 26))
+    parts = [ids for r in range(2) for ids in worker_micro_batches(batch, r, world=2, grad_accum=2)]
+    assert sorted(i for p in parts for i in p) == batch and all(parts)
+    # a tail smaller than workers × grad_accum would leave a worker idle (DDP hang): dropped
+    assert steps_per_epoch(68, 16, 4) == 5 and steps_per_epoch(67, 16, 4) == 4
+
+
+def test_checkpoint_files_restore_model_and_optimizer_exactly(tmp_path):
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from learners.pm_learner import _state_dict_options, read_checkpoint, write_checkpoint
+
+    def net():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    def step(m, opt, x):
+        opt.zero_grad()
+        m(x).pow(2).sum().backward()
+        opt.step()
+
+    a, opt_a = net()
+    for i in range(3):
+        step(a, opt_a, torch.full((2, 3), float(i)))
+    opts = _state_dict_options()
+    write_checkpoint(tmp_path, get_model_state_dict(a, options=opts), get_optimizer_state_dict(a, opt_a, options=opts),
+                     {"global_step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.safetensors", "optimizer.json", "optimizer.safetensors", "state.json"]  # no pickles
+    model_sd, optim_sd, state = read_checkpoint(tmp_path)
+    b, opt_b = net()
+    b.load_state_dict(model_sd)
+    set_optimizer_state_dict(b, opt_b, optim_sd, options=opts)
+    x = torch.randn(2, 3)
+    step(a, opt_a, x)
+    step(b, opt_b, x)  # Adam moments and step count must match for this to be equal
+    assert state == {"global_step": 3}
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ---------------------------------------------------------------- training on Ray
+
+def test_short_train_learns_the_synthetic_rule(full_run):
+    results = json.loads((full_run / "pm_eval" / "pm_eval.json").read_text())
+    assert results["n"] == 60
+    assert results["accuracy"] > 0.9
+    assert 0.0 <= results["ece"] <= 1.0
+    assert read_metrics(full_run, "pm_eval")[0]["accuracy"] == results["accuracy"]
+
+
+def test_pmp_then_finetune_each_with_its_own_lr(full_run):
+    pmp, fine = read_metrics(full_run, "pm_pmp"), read_metrics(full_run, "pm_finetune")
+    assert [r["step"] for r in pmp + fine] == list(range(1, PMP_STEPS + FINETUNE_STEPS + 1))
+    assert {r["lr"] for r in pmp} == {0.002} and {r["lr"] for r in fine} == {0.001}
+    assert pmp[-1]["batch_pairs"] == 24 and fine[-1]["batch_pairs"] == 28  # tails kept, none dropped
+    assert fine[-1]["examples_seen"] == PAIRS
+    assert pmp[-1]["loss"] < pmp[0]["loss"]
+
+
+def test_pm_folder_loads_as_is_and_scores_at_end_of_context(full_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hh_ray.models import encode_for_pm, pm_scores
+
+    pm_dir = full_run / "pm"
+    model = AutoModelForSequenceClassification.from_pretrained(pm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(pm_dir)
+    c = synthetic_comparisons(2, seed=7)
+    enc = encode_for_pm(tok, [c[0].prompt + c[0].chosen, c[1].prompt + c[1].rejected], 128)
+    with torch.no_grad():
+        hf = model(**enc).logits.squeeze(-1)
+        ours = pm_scores(model, enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(hf, ours, atol=1e-5)
+
+
+def test_resume_sees_the_same_pairs_as_an_uninterrupted_run(full_run, tmp_path):
+    cfg = tiny_cfg()
+    ckpt = train_pm(cfg, tmp_path, stop_after_steps=12)  # inside PMP, two steps after a checkpoint
+    assert ckpt.name == "step_000012" and not (tmp_path / "pm").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train_pm(cfg, tmp_path)  # a fresh run would silently start over
+    assert train_pm(cfg, tmp_path, resume=True) == tmp_path.resolve() / "pm"
+
+    def steps(run):
+        return read_metrics(run, "pm_pmp") + read_metrics(run, "pm_finetune")
+
+    full, resumed = steps(full_run), steps(tmp_path)
+    assert [r["step"] for r in resumed] == list(range(1, PMP_STEPS + FINETUNE_STEPS + 1))  # none twice
+    assert [r["batch_digest"] for r in resumed] == [r["batch_digest"] for r in full]
+    done_full, done_resumed = read_metrics(full_run, "pm_done")[-1], read_metrics(tmp_path, "pm_done")[-1]
+    assert done_resumed["examples_seen"] == done_full["examples_seen"] == PAIRS
+    assert done_resumed["seen_digest"] == done_full["seen_digest"]
+    # model and optimizer state came back exactly: the weights end where the uninterrupted run's did
+    a, b = _weights(full_run / "pm"), _weights(tmp_path / "pm")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _write(tmp_path, records):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_identical_pairs_are_skipped_with_a_count(tmp_path):
+    good = synthetic_comparisons(30, seed=3)
+    write_jsonl(good, tmp_path / "train.jsonl")
+    same = good[0].prompt + good[0].chosen
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write(json.dumps({"chosen": same, "rejected": same}) + "\n")
+    stages, held_out, counts = build_stages(tiny_cfg(**{"data.source": str(tmp_path / "train.jsonl")}))
+    assert counts == {"identical": 1}
+    assert len(stages[-1]["comparisons"]) + len(held_out) == 30
+
+
+def test_empty_dataset_is_refused_before_any_worker_starts(tmp_path):
+    with pytest.raises(DataError, match="no comparisons"):
+        train_pm(tiny_cfg(**{"data.source": _write(tmp_path, [])}), tmp_path / "run")
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
+
+
+def test_over_long_transcripts_are_cut_from_the_left_keeping_end_of_context(tiny_model):
+    from hh_ray.models import END_OF_CONTEXT, encode_for_pm, load_pm_tokenizer
+    from learners.pm_learner import count_truncated
+
+    tok = load_pm_tokenizer(tiny_model)
+    c = synthetic_comparisons(1, seed=5)[0]
+    long_prompt = "\n\nHuman: " + "tell me about chess " * 100 + "\n\nAssistant:"
+    enc = encode_for_pm(tok, [long_prompt + c.chosen], max_len=32)
+    ids = enc["input_ids"][0].tolist()
+    assert len(ids) == 32 and ids[-1] == tok.convert_tokens_to_ids(END_OF_CONTEXT)
+    assert tok.decode(ids[:-1]).endswith(c.chosen)  # the response survives, the old context goes
+    from hh_ray.data import Comparison
+
+    assert count_truncated(tok, [Comparison(long_prompt, c.chosen, c.rejected), c], 32) == 2
+
+
+def test_bad_settings_are_refused_with_the_field_name(tmp_path):
+    with pytest.raises(ValueError, match="pm.batch_size"):
+        train_pm(tiny_cfg(**{"pm.batch_size": 30, "pm.num_workers": 2, "pm.grad_accum": 2}), tmp_path)
+    with pytest.raises(ValueError, match="--resume"):
+        train_pm(tiny_cfg(), tmp_path, resume=True)
