@@ -195,8 +195,8 @@ class ChatServer:
                                           max_len=self.max_model_len)
         return float(self.ood.score(x)[0])
 
-    async def _complete(self, req: ChatRequest) -> tuple[list[dict], dict, dict]:
-        """(choices [{"text", "finish_reason"}], usage, extension) for a validated request."""
+    def _prepare(self, req: ChatRequest) -> dict:
+        """Every check that needs no engine, so that it fails with a 4xx status even for a stream."""
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")
@@ -209,7 +209,12 @@ class ChatServer:
         text, default_stop = policy_prompt(req.messages, self.tokenizer)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         params = self._sampling(req, best_of, default_stop, len(ids))
-        hh = hh_prompt(req.messages)  # what the PM and the OOD detector were fitted on
+        # The HH transcript is what the PM and the OOD detector were fitted on.
+        return dict(req=req, ids=ids, params=params, best_of=best_of, hh=hh_prompt(req.messages))
+
+    async def _complete(self, job: dict) -> tuple[list[dict], dict, dict]:
+        """(choices [{"text", "finish_reason"}], usage, extension) for a prepared request."""
+        req, ids, params, best_of, hh = job["req"], job["ids"], job["params"], job["best_of"], job["hh"]
         extension: dict = {"best_of_n": best_of}
 
         ood_task = asyncio.create_task(asyncio.to_thread(self._ood_score, hh)) if self.ood else None
@@ -249,12 +254,12 @@ class ChatServer:
             self.flagged_counter.inc()
         return {"score": score, "threshold": self.ood.threshold, "flagged": bool(flagged)}
 
-    async def _stream(self, req: ChatRequest, cid: str):
-        created = int(time.time())
+    async def _stream(self, job: dict, cid: str):
+        req, created = job["req"], int(time.time())
         for i in range(req.n):  # at once: the client sees the response start before the batch runs
             yield sse(chunk_body(cid, created, self.model_name, i, {"role": "assistant", "content": ""}))
         try:
-            choices, usage, extension = await self._complete(req)
+            choices, usage, extension = await self._complete(job)
         except APIError as e:  # after the 200 header, an error travels as an SSE event
             yield sse(e.body())
             yield sse("[DONE]")
@@ -279,14 +284,10 @@ class ChatServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._authorize(request)
-        req = parse_chat_request(await self._read_body(request), self.limits)
-        if req.stream:
-            # Checks that need no engine run now, so they still get a 4xx status.
-            if req.model is not None and req.model != self.model_name:
-                raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                                    f"{self.model_name!r}", "model", "model_not_found")
-            return StreamingResponse(self._stream(req, completion_id()), media_type="text/event-stream")
-        choices, usage, extension = await self._complete(req)
+        job = self._prepare(parse_chat_request(await self._read_body(request), self.limits))
+        if job["req"].stream:
+            return StreamingResponse(self._stream(job, completion_id()), media_type="text/event-stream")
+        choices, usage, extension = await self._complete(job)
         return completion_body(completion_id(), self.model_name, choices, usage, extension)
 
     @api.get("/v1/models")
@@ -334,11 +335,12 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "hh
             and not (a.api_key or os.environ.get(API_KEY_ENV)):
         raise ValueError(f"binding to {host} without an API key would serve anyone who can reach it: "
                          f"set --api-key or ${API_KEY_ENV}")
+    app = build_app(args)  # bad arguments fail here, before Ray starts or a port is bound
     from hh_ray.cluster import ensure_ray
 
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(args), name=name, route_prefix="/")
+    return serve.run(app, name=name, route_prefix="/")
 
 
 def run_forever(args: dict, host: str = "127.0.0.1", port: int = 8000) -> int:

@@ -33,7 +33,7 @@ def server(ray_cluster, tiny_model, tmp_path_factory):
     from hh_ray.data import synthetic_comparisons
     from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, save_model
     from hh_ray.ood import OODDetector, last_prompt_token_activations
-    from serve.app import start
+    from serve.app import build_app, start
 
     d = tmp_path_factory.mktemp("serve")
     pm, pm_tok = load_scalar_head_model(tiny_model)  # untrained head: enough to rank candidates
@@ -49,6 +49,12 @@ def server(ray_cluster, tiny_model, tmp_path_factory):
     start(dict(policy=tiny_model, pm=str(d / "pm"), best_of_n=2, api_key=KEY, ood=str(d / "ood"),
                kv_cache_gib=0.25, max_tokens=MAX_TOKENS, default_max_tokens=16, max_request_bytes=64 * 1024),
           port=port)
+    # A second app on the same proxy that refuses what the detector flags (here: everything).
+    det.threshold, refuse_threshold = -1e9, det.threshold
+    det.save(d / "ood-flag-all")
+    det.threshold = refuse_threshold
+    serve.run(build_app(dict(policy=tiny_model, ood=str(d / "ood-flag-all"), ood_refuse=True, kv_cache_gib=0.25,
+                             model_name="refusing")), name="refusing", route_prefix="/refusing")
     url = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(url=url, det=det, policy=policy, tok=tok, pm=pm, pm_tok=pm_tok)
     serve.shutdown()
@@ -183,6 +189,7 @@ def test_concurrent_requests(client, model_id):
 # ---------------------------------------------------------------- raw HTTP: errors and the key
 
 OK = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4}
+NEAR_FULL = "word " * 335  # 1013 of the tiny model's 1024 tokens: room for 11
 
 BAD = [
     (b"{not json", 400, None),
@@ -213,6 +220,8 @@ BAD = [
     ({**OK, "model": "gpt-4"}, 404, "model"),
     ({**OK, "stream": True, "model": "gpt-4"}, 404, "model"),
     ({**OK, "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),  # > 1024 tokens
+    ({**OK, "stream": True, "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
+    ({**OK, "max_tokens": 60, "messages": [{"role": "user", "content": NEAR_FULL}]}, 400, "messages"),
 ]
 
 
@@ -236,6 +245,9 @@ def test_limits_and_routes(server):
     assert r.status_code == 404 and "error" in r.json()
     r = httpx.get(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 405 and "error" in r.json()
+    # Without an explicit max_tokens, a long prompt gets what room is left instead of an error.
+    r = _post(server, {"model": "tiny", "best_of": 1, "messages": [{"role": "user", "content": NEAR_FULL}]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 11  # default 16 clipped to 11
     # Unknown fields are ignored, as OpenAI's own server does.
     assert _post(server, {**OK, "user": "abc", "logit_bias": {}}).status_code == 200
 
@@ -288,3 +300,18 @@ def test_serve_config_file_is_valid():
     cfg = yaml.safe_load((Path(__file__).parent.parent / "serve" / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(cfg)
     ServeArgs(**cfg["applications"][0]["args"])
+
+
+def test_ood_refusal_when_configured(server):
+    r = httpx.post(server.url + "/refusing/v1/chat/completions", json={**OK, "model": "refusing", "n": 2}, timeout=60)
+    body = r.json()
+    assert r.status_code == 200, body
+    assert [c["finish_reason"] for c in body["choices"]] == ["content_filter"] * 2
+    assert body["hh_ray"]["ood"]["flagged"] and body["usage"]["completion_tokens"] == 0
+
+
+def test_cli_serve_refuses_bad_flags_before_starting(tiny_model, capsys):
+    from hh_ray.cli import main
+
+    assert main(["serve", "--policy", tiny_model, "--best-of-n", "2"]) == 2
+    assert "needs a preference model" in capsys.readouterr().err
