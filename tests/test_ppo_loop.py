@@ -14,11 +14,21 @@ from tests.conftest import tiny_config
 LEARN = {"ppo.lr": 0.002, "ppo.epochs": 2, "ppo.rollout_batch_size": 32, "ppo.minibatch_size": 16}
 
 
-def test_reward_rises_with_two_generators_and_two_learners(tiny_pm, tmp_path):
-    cfg = tiny_config(**LEARN, **{"model.pm": tiny_pm, "ppo.iterations": 10, "ppo.checkpoint_every": 5,
-                                  "generation.num_workers": 2, "ppo.num_learners": 2})
-    result = train_ppo(cfg, tmp_path)
-    rows = read_metrics(tmp_path, "ppo")
+# 2 generation actors, the PM service and 2 learner workers.
+SYSTEM = {"generation.num_workers": 2, "ppo.num_learners": 2, "ppo.checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_pm, tmp_path_factory):
+    """One uninterrupted 10-iteration run, shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("ppo-full")
+    result = train_ppo(tiny_config(**LEARN, **SYSTEM, **{"model.pm": tiny_pm, "ppo.iterations": 10}), run_dir)
+    return run_dir, result
+
+
+def test_reward_rises_with_two_generators_and_two_learners(full_run):
+    run_dir, result = full_run
+    rows = read_metrics(run_dir, "ppo")
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert [r["policy_version"] for r in rows] == list(range(1, 11))
     assert all(r["staleness"] == 0 for r in rows)  # sync mode is on-policy
@@ -28,23 +38,23 @@ def test_reward_rises_with_two_generators_and_two_learners(tiny_pm, tmp_path):
     print(f"held-out PM reward {before:.4f} -> {after:.4f}, final KL {kl:.4f}")
     assert after > before + 0.1
     for name in ("policy", "critic"):
-        assert (tmp_path / name / "config.json").exists()
-    assert (tmp_path / "reward_vs_sqrt_kl.png").exists()
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+        assert (run_dir / name / "config.json").exists()
+    assert (run_dir / "reward_vs_sqrt_kl.png").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
     # the final policy is a normal HF folder
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    AutoModelForCausalLM.from_pretrained(run_dir / "policy")
 
 
-def test_resume_gives_the_same_metrics(tiny_pm, tmp_path):
-    """Stop after 2 iterations, resume to 4: iterations 3-4 match an uninterrupted run."""
-    base = {"model.pm": tiny_pm, "ppo.checkpoint_every": 2, **LEARN}
-    train_ppo(tiny_config(**base, **{"ppo.iterations": 4}), tmp_path / "straight")
-    train_ppo(tiny_config(**base, **{"ppo.iterations": 2}), tmp_path / "stopped")
-    train_ppo(tiny_config(**base, **{"ppo.iterations": 4}), tmp_path / "stopped", resume=True)
-    want = read_metrics(tmp_path / "straight", "ppo")[2:]
-    got = [r for r in read_metrics(tmp_path / "stopped", "ppo") if r["step"] > 2]
+def test_resume_gives_the_same_metrics(full_run, tiny_pm, tmp_path):
+    """Stop after 2 iterations, resume to 4: iterations 3-4 match the uninterrupted run.
+    (The LR schedule is constant, so a shorter run is the same run cut short.)"""
+    base = {"model.pm": tiny_pm, **LEARN, **SYSTEM}
+    train_ppo(tiny_config(**base, **{"ppo.iterations": 2}), tmp_path)
+    train_ppo(tiny_config(**base, **{"ppo.iterations": 4}), tmp_path, resume=True)
+    want = read_metrics(full_run[0], "ppo")[2:4]
+    got = [r for r in read_metrics(tmp_path, "ppo") if r["step"] > 2]
     assert [r["step"] for r in got] == [3, 4]
     for w, g in zip(want, got):
         assert g["reward_pm"] == pytest.approx(w["reward_pm"], abs=1e-5)
