@@ -1,0 +1,117 @@
+"""One RLHF iteration on SmolLM2-135M, sync vs async, side by side.
+
+    .venv/bin/python bench/bench_ppo.py [--iterations 3] [--prompts 16] [--new-tokens 64]
+
+Prints samples/s, time per phase (generate, score, learn, sync) and the peak
+memory of all the run's processes together (sum of RSS of the driver and every
+process it started: Ray's raylet/GCS, the actors, the learners), sampled every
+0.5 s. The first iteration includes warm-up and is reported separately.
+Targets on a 2-core machine: >= 0.55 samples/s, <= 12 GiB peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+class PeakRSS:
+    """Peak of the summed RSS of this process and all its descendants."""
+
+    def __init__(self, every: float = 0.5):
+        self.peak, self.every, self._stop = 0, every, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me] + me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def untrained_pm(policy: str, cache: Path) -> str:
+    """A PM folder on the policy's backbone (fresh head): timing does not depend on its quality."""
+    from hh_ray.models import is_scalar_head_model, load_scalar_head_model, save_model
+
+    out = cache / "smollm2-pm-untrained"
+    if not is_scalar_head_model(str(out)):
+        model, tok = load_scalar_head_model(policy)
+        save_model(model, tok, out)
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--modes", default="sync,async")
+    args = ap.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    from hh_ray.cluster import ensure_ray
+    from hh_ray.config import load_config
+    from hh_ray.controller import train_ppo
+    from hh_ray.models import cache_root, resolve_model
+    from hh_ray.tracking import read_metrics
+
+    policy = resolve_model(args.model)
+    pm = untrained_pm(policy, cache_root())
+    ensure_ray()
+    results = {}
+    for mode in args.modes.split(","):
+        cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml", {
+            "model.policy": policy, "model.pm": pm, "ppo.mode": mode, "ppo.iterations": args.iterations,
+            "ppo.rollout_batch_size": args.prompts, "ppo.minibatch_size": args.prompts, "ppo.epochs": 1,
+            "generation.max_new_tokens": args.new_tokens, "ppo.checkpoint_every": 10**6,
+            "ppo.eval_prompts": 0, "tracking.wandb": "disabled"})
+        run_dir = Path(tempfile.mkdtemp(prefix=f"bench-ppo-{mode}-"))
+        t0 = time.time()
+        with PeakRSS() as mem:
+            train_ppo(cfg, run_dir)
+        rows = read_metrics(run_dir, "ppo")
+        steady = rows[1:] or rows
+        results[mode] = {
+            "samples/s (steady)": statistics.mean(r["samples_per_s"] for r in steady),
+            "s/iteration (steady)": statistics.mean(r["time_iteration"] for r in steady),
+            "s/iteration (first)": rows[0]["time_iteration"],
+            "generate s": statistics.mean(r["time_generate"] for r in steady),
+            "score s": statistics.mean(r["time_score"] for r in steady),
+            "learn s": statistics.mean(r["time_learn"] for r in steady),
+            "sync s": statistics.mean(r["time_sync"] for r in steady),
+            "tokens/iteration": statistics.mean(r["tokens_generated"] for r in steady),
+            "peak RSS GiB (all processes)": mem.peak / 2**30,
+            "wall s (incl. start-up)": time.time() - t0,
+        }
+    print(f"\nSmolLM2-135M PPO: {args.prompts} prompts x {args.new_tokens} new tokens, 1 epoch, 1 minibatch, "
+          f"{os.cpu_count()} CPUs")
+    modes = list(results)
+    print(f"{'':32}" + "".join(f"{m:>12}" for m in modes))
+    for key in results[modes[0]]:
+        print(f"{key:32}" + "".join(f"{results[m][key]:>12.2f}" for m in modes))
+
+
+if __name__ == "__main__":
+    main()
