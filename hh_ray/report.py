@@ -203,7 +203,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 sections.append(s)
     if missing:
         sections.append('<h2 id="not-run">Evaluations not run</h2><p class="missing">'
-                        + ", ".join(missing) + " (run <code>hh-ray eval …</code> with this --run-dir)</p>")
+                        + ", ".join(missing) + " (run <code>hh-ray eval …</code> with this --run-dir"
+                        + ("; <code>eval robustness</code> is not available yet" if "robustness" in missing else "")
+                        + ")</p>")
     title = f"hh-ray report: {html.escape(run_dir.resolve().name)}"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
             f"</head><body><h1>{title}</h1><p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} from "
