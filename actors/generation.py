@@ -57,6 +57,16 @@ def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[s
     return shapes, required
 
 
+def weights_for_sync(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a learner should publish: parameters (tied ones once) and persistent
+    buffers, detached, contiguous, on CPU. Dropping the tied `lm_head.weight`
+    alias saves a vocabulary-sized matrix per sync (SmolLM2: 28M of 135M)."""
+    state = model.state_dict()
+    out = {k: p for k, p in model.named_parameters()}
+    out.update({k: b for k, b in model.named_buffers() if k in state})
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
 def check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
                   required: set[str]) -> None:
     """Raise WeightUpdateError listing every missing, unknown or mis-shaped tensor."""

@@ -132,6 +132,9 @@ def test_bad_prompts_are_refused_and_engine_keeps_serving(pool, prompts):
     before = response_ids(greedy(pool, ids[:3]))
     with pytest.raises(GenerationInputError, match="max length is 128"):
         pool.generate([ids[0], [5] * MAX_LEN])
+    # A prompt that fits but leaves less room than max_new_tokens stops at the max length.
+    tail = pool.generate([[5] * (MAX_LEN - 4)], temperature=1.0, max_new_tokens=MAX_NEW)
+    assert int(tail.attention_mask.sum()) <= MAX_LEN and tail.finish_reasons[0] in ("length", "stop")
     with pytest.raises(GenerationInputError, match="prompt 1 is empty"):
         pool.generate([ids[0], []])
     # The workers check on their own too (a caller may bypass the pool).
