@@ -5,9 +5,10 @@ serving replicas (serve/) both call `make_llm` and `sampling_params`.
 
 On CPU the engine must run in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the
 multiprocess engine pins cores and cannot take tensors through
-`collective_rpc`, which in-place weight reload needs. It is set here, at import,
-because vLLM reads it when its engine is built and before any `import vllm` in
-this process should matter; `setdefault` leaves an explicit choice alone.
+`collective_rpc`, which in-place weight reload needs. It is set here, when this
+module is imported, so that it is in the environment before any engine of
+this process is built; `setdefault` leaves an explicit choice alone. On GPU the
+in-process engine is kept too: `reload_weights` then takes the tensors directly.
 """
 
 from __future__ import annotations
