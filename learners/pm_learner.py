@@ -316,6 +316,19 @@ def check_settings(cfg, stages) -> None:
                             f"{per_step}+ pairs; lower pm.batch_size or add data")
 
 
+def evaluate_saved_pm(pm_dir: str, comparisons, max_len: int, dtype: str, out_dir: str) -> dict:
+    """Held-out metrics of a PM folder, loaded as the scoring service will load it."""
+    from hh_ray.models import load_scalar_head_model
+    from hh_ray.pm_eval import evaluate_pm
+
+    model, tok = load_scalar_head_model(pm_dir, dtype)
+    t0 = time.perf_counter()
+    results = evaluate_pm(model, tok, comparisons, max_len, Path(out_dir))
+    results["seconds_per_1000_pairs_scored"] = (time.perf_counter() - t0) / len(comparisons) * 1000
+    (Path(out_dir) / "pm_eval.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
 def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = None) -> Path:
     """Train the PM (PMP, then finetuning) and evaluate it on the held-out split.
 
@@ -328,8 +341,8 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     from tqdm import tqdm
 
     from hh_ray.cluster import ensure_ray, worker_env
-    from hh_ray.models import load_pm_tokenizer, load_scalar_head_model, resolve_model
-    from hh_ray.pm_eval import evaluate_pm, flat_summary, format_table
+    from hh_ray.models import load_pm_tokenizer, resolve_model
+    from hh_ray.pm_eval import flat_summary, format_table
     from hh_ray.tracking import Tracker
 
     run_dir = Path(run_dir).resolve()
@@ -416,11 +429,11 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
         return latest_checkpoint(ckpt_root)
 
     pm_dir = run_dir / "pm"
-    model, pm_tok = load_scalar_head_model(str(pm_dir), cfg.model.dtype)  # as the scoring service will
-    t0 = time.perf_counter()
-    results = evaluate_pm(model, pm_tok, held_out, cfg.model.max_seq_len, run_dir / "pm_eval")
-    results["seconds_per_1000_pairs_scored"] = (time.perf_counter() - t0) / len(held_out) * 1000
-    (run_dir / "pm_eval" / "pm_eval.json").write_text(json.dumps(results, indent=2))
+    # A 1-CPU Ray task, not the driver: Ray gives it one thread, and on a
+    # shared small machine torch's default of one thread per core ran 15×
+    # slower than that (spinning OpenMP threads under oversubscription).
+    results = ray.get(ray.remote(num_cpus=1)(evaluate_saved_pm).remote(
+        str(pm_dir), held_out, cfg.model.max_seq_len, cfg.model.dtype, str(run_dir / "pm_eval")))
     summary = flat_summary(results)
     tracker.log(int(last["global_step"]), summary, stage="pm_eval")
     tracker.summary({f"pm_eval/{k}": v for k, v in summary.items()})
