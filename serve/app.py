@@ -345,14 +345,25 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "hh
 
 def run_forever(args: dict, host: str = "127.0.0.1", port: int = 8000) -> int:
     """`hh-ray serve`: deploy, print where, block until Ctrl-C, then shut Serve down."""
-    start(args, host, port)
-    key = " (API key required)" if (args.get("api_key") or os.environ.get(API_KEY_ENV)) else ""
-    print(f"hh-ray serve: OpenAI-compatible API at http://{host}:{port}/v1{key}; Ctrl-C to stop", flush=True)
+    import signal
+
+    build_app(args)  # bad arguments fail before anything starts
     try:
+        start(args, host, port)
+        # After ray.init, which installs its own (aborting) SIGTERM handler: SIGTERM
+        # (kill, systemd, docker stop) and a SIGINT a background job inherited as
+        # ignored both end in the clean shutdown below.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        key = " (API key required)" if (args.get("api_key") or os.environ.get(API_KEY_ENV)) else ""
+        print(f"hh-ray serve: OpenAI-compatible API at http://{host}:{port}/v1{key}; Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        import ray
+
+        if ray.is_initialized():  # serve.shutdown() would start a Ray just to find nothing
+            serve.shutdown()
     return 0
