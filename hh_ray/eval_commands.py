@@ -174,7 +174,8 @@ def eval_ood(cfg: Config, run_dir: Path, args) -> int:
         raise DataError(f"eval ood: too few prompts (helpful {len(helpful)}, harmful {len(harmful)})")
     model, tok = load_policy(model_path, cfg.model.dtype), load_tokenizer(model_path)
     num_layers = model.config.num_hidden_layers
-    layers = args.layers or sorted({0, num_layers // 4, num_layers // 2, 3 * num_layers // 4, num_layers})
+    # Not layer 0: the last prompt token is always the same ":", so its embedding says nothing.
+    layers = args.layers or sorted({max(1, num_layers // 4), num_layers // 2, 3 * num_layers // 4, num_layers})
     num_fit = len(helpful) // 2
     shots = [k for k in (args.shots or [1, 4, 16]) if k < len(harmful)]
     table, acts = [], {}
@@ -218,7 +219,7 @@ def add_arguments(p) -> None:
     g.add_argument("--n-max", type=int, default=16, help="best-of-n: samples per prompt (n = 1, 2, 4, … up to this)")
     g.add_argument("--helpful", default="synthetic", help="ood: in-distribution comparisons (source)")
     g.add_argument("--harmful", help="ood: harmful-request comparisons (default data.source)")
-    g.add_argument("--layers", type=int, nargs="+", help="ood: hidden_states indices (default 5 spread over depth)")
+    g.add_argument("--layers", type=int, nargs="+", help="ood: hidden_states indices (default L/4, L/2, 3L/4, L)")
     g.add_argument("--shots", type=int, nargs="+", help="ood: k harmful examples for the probe (default 1 4 16)")
     g.add_argument("--ridge", type=float, default=1e-2, help="ood: covariance ridge, × mean unit variance")
 

@@ -22,8 +22,12 @@ from hh_ray.ood import OODDetector, auroc, fit_linear_probe
 
 
 def absolute_ridge(x: np.ndarray, relative: float) -> float:
-    """ridge · mean per-unit variance of x: the same regularisation strength at every layer."""
-    return relative * float(np.asarray(x, dtype=np.float64).var(0).mean())
+    """ridge · mean per-unit variance of x: the same regularisation strength at every layer.
+
+    Floored above 0: at layer 0 (the embeddings) every prompt's last token is
+    the same ":", so the activations are constant and their variance is 0;
+    the floor turns 0/0 into a score of 0 for all, i.e. AUROC ½, the truth."""
+    return max(relative * float(np.asarray(x, dtype=np.float64).var(0).mean()), 1e-12)
 
 
 # ---------------------------------------------------------------- one layer, all methods

@@ -246,3 +246,10 @@ def test_eval_commands_then_report(tiny_model, tiny_pm, tmp_path):
     page = (run / "report.html").read_text()
     for section in ("config", "metrics", "reward-kl", "best_of_n", "elo", "ood", "not-run"):
         assert f'id="{section}"' in page
+
+
+def test_constant_layer_gives_chance_auroc():
+    # Layer 0 at the last prompt token: the same ":" embedding for every prompt.
+    h = np.ones((20, 3))
+    r = evaluate_layer(h[:12], h[12:], num_fit=6, shots=[])
+    assert r == {"auroc_relative_mahalanobis": 0.5, "auroc_mahalanobis": 0.5}
