@@ -9,6 +9,11 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean
 
+# Browser tests (the report page, the comparison-collection page) drive
+# Debian's Chromium with Playwright; Playwright's own browser download would
+# need the internet, Debian's package only needs the package registry.
+CHROMIUM ?= /usr/bin/chromium
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -29,7 +34,11 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/hh-ray demo --config configs/demo.yaml
 
-test: $(STAMP)
+$(CHROMIUM):
+	command -v apt-get >/dev/null || { echo "install Chromium and set CHROMIUM=/path/to/chromium"; exit 1; }
+	apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -x $(PYTEST_ARGS)
 
 bench: $(STAMP)
