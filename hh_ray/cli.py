@@ -21,8 +21,8 @@ STAGES = {
     "eval": "The paper's evaluations: `eval pm` (accuracy, accuracy by turn, calibration), `eval best-of-n` "
             "(rejection sampling vs analytic KL), `eval elo` (checkpoints rated with the PM as judge), "
             "`eval ood` (harmful-request detection per layer; saves a detector for serve).",
-    "distill": "Context distillation of an HHH prompt into the policy (not available yet).",
-    "sft": "Supervised finetuning on chosen responses (not available yet).",
+    "distill": "Context distillation of an HHH prompt into the policy (KL over the teacher's top-k tokens + rest) on a Ray Train learner group; writes RUN/policy.",
+    "sft": "Supervised finetuning on the chosen responses of HH comparisons (loss on Assistant tokens only); writes RUN/policy.",
     "train-ppo": "PPO against the PM with a KL penalty: vLLM actors generate, Ray Train learners update.",
     "online": "Iterated online RLHF rounds (not available yet).",
     "collect": "Comparison collection page (not available yet).",
@@ -174,13 +174,23 @@ def run_serve(cfg: Config, run_dir: Path, args) -> int:
                        host=args.host, port=args.port)
 
 
+def run_policy_init(cfg: Config, run_dir: Path, args) -> int:
+    from learners.distill_learner import train_policy_init
+
+    out = train_policy_init(cfg, run_dir, args.stage, resume=args.resume)
+    print(f"policy written to {out} (use it as --model.policy for train-ppo)")
+    return 0
+
+
 STAGE_RUNNERS = {
     "demo": run_demo,
     "train-pm": run_train_pm,
     "eval": run_eval,
     "train-ppo": run_train_ppo,
     "serve": run_serve,
-    **{s: _not_yet(s) for s in ("distill", "sft", "online", "collect")},
+    "distill": run_policy_init,
+    "sft": run_policy_init,
+    **{s: _not_yet(s) for s in ("online", "collect")},
 }
 
 if __name__ == "__main__":

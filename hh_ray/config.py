@@ -103,6 +103,29 @@ class PPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    lr: float = doc(1e-5, "Learning rate (AdamW, constant).")
+    epochs: int = doc(1, "Epochs over the training texts.")
+    batch_size: int = doc(16, "Sequences per optimizer step, summed over workers.")
+    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    num_workers: int = doc(1, "Ray Train learner workers (DDP).")
+    checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
+    eval_texts: int = doc(64, "Held-out sequences for the before/after metric (0 = all held out).")
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    """Context distillation: the SFT fields plus what defines the teacher and the corpus."""
+    prompt_file: str = doc("", "HHH prompt the teacher sees before every text; empty = the shipped hh_ray/prompts/hhh_prompt.txt.")
+    max_prompt_tokens: int = doc(0, "Keep only the last N prompt tokens (0 = whole prompt); for models with few positions.")
+    corpus: str = doc("synthetic", "Texts to distill on: 'synthetic' (HH dialogues from data.num_synthetic comparisons), a .txt file (one text per line) or a .jsonl file (field 'text', else HH 'chosen').")
+    num_texts: int = doc(0, "Use at most this many corpus texts (0 = all).")
+    top_k: int = doc(50, "Teacher tokens kept per position; the rest of the vocabulary is one 'everything else' bucket (paper: 50).")
+    teacher: str = doc("cached", "'cached': teacher top-k log-probs computed once and stored in RUN/teacher_cache (reused on resume); 'online': a frozen teacher copy recomputes them every step.")
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = doc("auto", "'auto' (online if WANDB_API_KEY is set, else offline), 'online', 'offline' or 'disabled'.")
     project: str = doc("hh-ray", "W&B project name.")
@@ -116,6 +139,8 @@ class Config:
     pm: PMConfig = field(default_factory=PMConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -1,0 +1,409 @@
+"""Policy initialisation on a Ray Train learner group: context distillation or SFT.
+
+The paper's RL starts from a context-distilled LM (Bai et al. 2022, §3.1): the
+student (the LM alone) learns to match the teacher (the same LM reading an
+HHH prompt first) under KL over the teacher's top-k tokens plus an
+"everything else" bucket (hh_ray.distill). SFT is the plain alternative:
+next-token loss on the chosen responses of HH comparisons, only on the
+Assistant's tokens. One loop runs both; they differ in the per-token loss.
+
+Teacher targets are computed once, before any weight changes, by every worker
+for its share of the examples, and stored in RUN/teacher_cache (the paper
+stored them too); a resumed run reuses them. `distill.teacher=online` keeps a
+frozen teacher copy instead and recomputes targets every step.
+
+Everything else follows learners/pm_learner.py and uses its helpers: data
+order is a pure function of (seed, epoch), checkpoints are safetensors + JSON
+holding the position, metrics go to the driver through a Queue. The loss is
+the mean over every trained token of the global batch, whatever the split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, loss_mask, loss_tokens,
+                            next_token_logp, pad_rows, prompt_kv, read_prompt, save_shard, sft_example,
+                            stack_targets, teacher_rows, token_nll, topk_kl, write_meta)
+from learners.pm_learner import (CHECKPOINTS, MAX_GRAD_NORM, _all_reduce, _checkpoint, chain_digest, epoch_order,
+                                 fresh_position, latest_checkpoint, read_checkpoint, step_ids, steps_per_epoch,
+                                 worker_micro_batches)
+
+STAGES = ("distill", "sft")
+TEACHER_CACHE = "teacher_cache"
+
+
+# ---------------------------------------------------------------- one loss for both stages
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def batch_loss(model, examples: list[dict], ex_ids: list[int], pad_id: int, targets, device) -> tuple:
+    """(summed per-token loss, trained tokens) of one micro-batch.
+
+    targets(ex_ids, width) gives the teacher's top-k rows (distillation);
+    None means SFT's next-token loss.
+    """
+    rows = [examples[i] for i in ex_ids]
+    ids, mask = pad_rows([r["ids"] for r in rows], pad_id)
+    logp = next_token_logp(model, ids.to(device), mask.to(device))
+    if targets is None:
+        per_token = token_nll(logp, ids[:, 1:].to(device))
+    else:
+        per_token = topk_kl(logp, *(t.to(device) for t in targets(ex_ids, ids.shape[1])))
+    m = loss_mask(rows, ids.shape[1]).to(device)
+    return (per_token * m).sum(), m.sum()
+
+
+@torch.no_grad()
+def evaluate(model, examples, ex_ids, pad_id, targets, micro, rank, world, device) -> float:
+    """Mean per-token loss over ex_ids, split across workers (unwrapped model: no DDP collectives)."""
+    model = _unwrap(model).eval()
+    total, tokens = 0.0, 0.0
+    mine = ex_ids[rank::world]
+    for i in range(0, len(mine), micro):
+        s, n = batch_loss(model, examples, mine[i: i + micro], pad_id, targets, device)
+        total, tokens = total + s.item(), tokens + n.item()
+    model.train()
+    total, tokens = _all_reduce([total, tokens])
+    return total / max(tokens, 1.0)
+
+
+def train_step(model, opt, examples, micro_batches, pad_id, targets, global_tokens, world, device) -> float:
+    """One optimizer step on this worker's micro-batches; returns this worker's summed token loss."""
+    opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for k, ex_ids in enumerate(micro_batches):
+        sync = k == len(micro_batches) - 1 or not hasattr(model, "no_sync")  # all-reduce once per step
+        with contextlib.nullcontext() if sync else model.no_sync():
+            s, _ = batch_loss(model, examples, ex_ids, pad_id, targets, device)
+            # DDP averages gradients over workers: scaling by world / global tokens
+            # makes the step's gradient that of the mean over all trained tokens.
+            (s * world / global_tokens).backward()
+        loss_sum += s.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    opt.step()
+    return loss_sum
+
+
+# ---------------------------------------------------------------- teacher targets
+
+def cached_teacher(model, config, examples, rank, world, queue) -> dict:
+    """Compute this worker's share of the teacher cache (unless the driver found it valid), then load all of it."""
+    import torch.distributed as dist
+
+    folder = Path(config["teacher_cache"])
+    if not config["teacher_cache_valid"]:
+        t0 = time.perf_counter()
+        kv = prompt_kv(model, config["prompt_ids"])
+        mine = list(range(rank, len(examples), world))
+        rows = []
+        for i in range(0, len(mine), config["micro"]):
+            rows += teacher_rows(model, kv, [examples[j] for j in mine[i: i + config["micro"]]],
+                                 config["pad_id"], config["top_k"])
+        save_shard(folder, rank, mine, rows)
+        seconds = time.perf_counter() - t0
+        if dist.is_initialized() and world > 1:
+            dist.barrier()
+        if rank == 0:
+            write_meta(folder, config["cache_meta"], world)  # last: marks the cache complete
+            queue.put({"event": "teacher", "sequences": len(examples), "seconds_rank0": seconds,
+                       "tokens": sum(len(e["ids"]) - 1 for e in examples)})
+        if dist.is_initialized() and world > 1:
+            dist.barrier()
+    cache = load_cache(folder)
+    return cache
+
+
+def make_targets(model, config, examples, rank, world, queue):
+    """targets(ex_ids, width) for distillation, None for SFT."""
+    if config["stage"] == "sft":
+        return None
+    if config["teacher"] == "online":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)  # frozen before any update
+        kv = prompt_kv(teacher, config["prompt_ids"])
+        return lambda ex_ids, width: stack_targets(
+            teacher_rows(teacher, kv, [examples[i] for i in ex_ids], config["pad_id"], config["top_k"]), width)
+    cache = cached_teacher(model, config, examples, rank, world, queue)
+    return lambda ex_ids, width: stack_targets([cache[i] for i in ex_ids], width)
+
+
+# ---------------------------------------------------------------- the learner (one per Ray Train worker)
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from hh_ray.models import load_policy, load_tokenizer, save_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"])
+    model, tok = load_policy(config["init_path"], config["dtype"]), load_tokenizer(config["init_path"])
+    data = ray.get(config["data"][0])  # wrapped in a list so Ray does not resolve it on the way
+    examples, n_train = data["train"] + data["held_out"], len(data["train"])
+    held_out = list(range(n_train, len(examples)))
+    queue, pad_id, micro = config["metrics_queue"], config["pad_id"], config["micro"]
+
+    # The teacher is the *initial* model: targets come before any checkpoint is loaded.
+    targets = make_targets(model, config, examples, rank, world, queue)
+    model.config.use_cache = False  # the student never decodes; no key/value copies
+    if config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+
+    pos, optim_sd = fresh_position(), None
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt else contextlib.nullcontext(config["resume_from"]) as d:
+        if d:
+            model_sd, optim_sd, pos = read_checkpoint(Path(d))
+            model.load_state_dict(model_sd)
+
+    def report_eval(when: str) -> None:
+        if held_out:
+            value = evaluate(model, examples, held_out, pad_id, targets, micro, rank, world, device)
+            if rank == 0:
+                queue.put({"event": "eval", "when": when, "global_step": pos["global_step"],
+                           config["eval_metric"]: value, "sequences": len(held_out)})
+
+    if pos["global_step"] == 0:
+        report_eval("before")
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if optim_sd is not None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        from learners.pm_learner import _state_dict_options
+
+        set_optimizer_state_dict(model, opt, optim_sd, options=_state_dict_options())
+
+    batch_size, grad_accum, stop_after = config["batch_size"], config["grad_accum"], config["stop_after_steps"]
+    n_steps = steps_per_epoch(n_train, batch_size, world * grad_accum)
+    for epoch in range(pos["epoch"], config["epochs"]):
+        order = epoch_order(n_train, config["seed"], 0, epoch)
+        for step in range(pos["step_in_epoch"], n_steps):
+            ids = step_ids(order, step, batch_size)
+            t0 = time.perf_counter()
+            # Every worker knows the whole step's token count: no collective needed to normalise.
+            global_tokens = sum(loss_tokens(examples[i]) for i in ids)
+            loss_sum = train_step(model, opt, examples, worker_micro_batches(ids, rank, world, grad_accum),
+                                  pad_id, targets, global_tokens, world, device)
+            (loss_sum,) = _all_reduce([loss_sum])
+            dt = time.perf_counter() - t0
+            pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
+                       examples_seen=pos["examples_seen"] + len(ids), seen_digest=chain_digest(pos["seen_digest"], ids))
+            metrics = {"event": "step", "global_step": pos["global_step"], "epoch": epoch,
+                       config["loss_name"]: loss_sum / global_tokens, "tokens": global_tokens,
+                       "batch_sequences": len(ids), "sequences_per_s": len(ids) / dt, "lr": config["lr"],
+                       "examples_seen": pos["examples_seen"], "seen_digest": pos["seen_digest"]}
+            if rank == 0:
+                queue.put(metrics)
+            stopping = stop_after is not None and pos["global_step"] >= stop_after
+            if stopping or pos["global_step"] % config["checkpoint_every"] == 0:
+                _checkpoint(metrics, model, opt, pos, rank)
+            if stopping:
+                return
+        pos.update(step_in_epoch=0, epoch=epoch + 1)
+
+    report_eval("after")
+    if rank == 0:
+        save_model(_unwrap(model), tok, config["policy_dir"])
+        queue.put({"event": "done", "global_step": pos["global_step"], "examples_seen": pos["examples_seen"]})
+
+
+# ---------------------------------------------------------------- the driver: data, checks, fit
+
+def distill_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]:
+    """(train, held-out, prompt ids, info): corpus texts as token ids (first model.max_seq_len tokens)."""
+    from hh_ray.data import DataError, train_eval_split
+
+    d = cfg.distill
+    texts = load_corpus(d.corpus, num_synthetic=cfg.data.num_synthetic, seed=cfg.seed)
+    if d.num_texts:
+        texts = texts[: d.num_texts]
+    prompt_ids = tok(read_prompt(d.prompt_file), add_special_tokens=False)["input_ids"]
+    if d.max_prompt_tokens:
+        prompt_ids = prompt_ids[-d.max_prompt_tokens:]  # the end: the dialogue nearest the text
+    rows = [ids[: cfg.model.max_seq_len] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    rows = [r for r in rows if len(r) >= 2]  # one token predicts nothing
+    if not rows:
+        raise DataError(f"distill.corpus {d.corpus}: no text of 2 or more tokens")
+    train, held_out = train_eval_split([{"ids": r} for r in rows], cfg.data.eval_fraction, seed=cfg.seed)
+    return train, held_out, prompt_ids, {"texts": len(texts), "short_texts_dropped": len(texts) - len(rows),
+                                          "prompt_tokens": len(prompt_ids)}
+
+
+def sft_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]:
+    """(train, held-out, [], info): prompt + chosen response + EOS of the config's comparisons."""
+    from hh_ray.pm_eval import pm_comparisons
+
+    counts: dict = {}
+    train, held_out = pm_comparisons(cfg, counts)
+
+    def encode(pairs):
+        p = tok([c.prompt for c in pairs], add_special_tokens=False)["input_ids"]
+        r = tok([c.chosen for c in pairs], add_special_tokens=False)["input_ids"]
+        return [sft_example(a, b, tok.eos_token_id, cfg.model.max_seq_len) for a, b in zip(p, r)]
+
+    return encode(train), encode(held_out), [], {f"skipped_{k}": v for k, v in counts.items()}
+
+
+def check_settings(cfg, stage: str, s, n_train: int, prompt_ids: list[int], init_path: str) -> None:
+    from transformers import AutoConfig
+
+    from hh_ray.data import DataError
+
+    per_step = s.num_workers * s.grad_accum
+    if s.batch_size % per_step:
+        raise ValueError(f"{stage}.batch_size={s.batch_size} must be a multiple of "
+                         f"{stage}.num_workers × {stage}.grad_accum = {per_step}")
+    if steps_per_epoch(n_train, s.batch_size, per_step) == 0:
+        raise DataError(f"{stage}: {n_train} training sequences make no optimizer step of {per_step}+; "
+                        f"lower {stage}.batch_size or add data")
+    if stage == "distill":
+        if cfg.distill.teacher not in ("cached", "online"):
+            raise ValueError(f"distill.teacher: {cfg.distill.teacher!r} is not 'cached' or 'online'")
+        positions = getattr(AutoConfig.from_pretrained(init_path), "max_position_embeddings", None)
+        if positions and len(prompt_ids) + cfg.model.max_seq_len > positions:
+            raise ValueError(f"the teacher reads {len(prompt_ids)} prompt + {cfg.model.max_seq_len} text tokens, more "
+                             f"than the model's {positions} positions: set distill.max_prompt_tokens or "
+                             "model.max_seq_len lower")
+
+
+def fit_and_log(trainer, queue, on_message) -> None:
+    """trainer.fit() while a thread hands every queued message to on_message (fit blocks this thread)."""
+    finished = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                m = queue.get(timeout=0.5)
+            except Exception:  # queue.Empty
+                if finished.is_set():
+                    return
+                continue
+            on_message(m)
+
+    logger = threading.Thread(target=drain, daemon=True)
+    logger.start()
+    try:
+        trainer.fit()
+    finally:
+        finished.set()
+        logger.join()
+        queue.shutdown()
+
+
+def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after_steps: int | None = None) -> Path:
+    """`hh-ray distill` / `hh-ray sft`: train, evaluate before/after on held-out text, write RUN/policy.
+
+    Returns run_dir/policy, or — when stop_after_steps stops it early — the
+    checkpoint it wrote, which resume=True continues from.
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+    from tqdm import tqdm
+
+    from hh_ray.cluster import ensure_ray, worker_env
+    from hh_ray.models import load_tokenizer, resolve_model
+    from hh_ray.tracking import Tracker
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    s = getattr(cfg, stage)
+    run_dir = Path(run_dir).resolve()
+    ckpt_root = run_dir / CHECKPOINTS
+    latest = latest_checkpoint(ckpt_root)
+    if resume and latest is None:
+        raise ValueError(f"--resume: no checkpoint under {ckpt_root}")
+    if not resume and latest is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or another --run-dir")
+
+    init_path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
+    tok = load_tokenizer(init_path)
+    train, held_out, prompt_ids, info = (distill_examples if stage == "distill" else sft_examples)(cfg, tok)
+    if s.eval_texts:
+        held_out = held_out[: s.eval_texts]
+    check_settings(cfg, stage, s, len(train), prompt_ids, init_path)
+    micro = s.batch_size // (s.num_workers * s.grad_accum)
+
+    teacher_cache, meta, valid = run_dir / TEACHER_CACHE, None, False
+    if stage == "distill" and cfg.distill.teacher == "cached":
+        meta = cache_meta(init_path, prompt_ids, cfg.distill.top_k, train + held_out)
+        valid = cache_is_valid(teacher_cache, meta)
+        if not valid:
+            shutil.rmtree(teacher_cache, ignore_errors=True)  # stale shards from another corpus or prompt
+    print(f"{stage}: {len(train)} training and {len(held_out)} held-out sequences from {init_path}; {info}"
+          + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))
+
+    ray = ensure_ray()
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= s.num_workers
+    tracker = Tracker(run_dir, cfg, stage=stage, resume=resume)
+    tracker.log(0, {"train_sequences": len(train), "held_out_sequences": len(held_out), **info}, stage=f"{stage}_data")
+    eval_metric = "heldout_kl" if stage == "distill" else "heldout_loss"
+    queue = Queue()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "stage": stage, "data": [ray.put({"train": train, "held_out": held_out})], "prompt_ids": prompt_ids,
+            "init_path": init_path, "dtype": cfg.model.dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "seed": cfg.seed, "epochs": s.epochs, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
+            "micro": micro, "lr": s.lr, "weight_decay": s.weight_decay, "checkpoint_every": s.checkpoint_every,
+            "pad_id": tok.pad_token_id, "top_k": cfg.distill.top_k, "teacher": cfg.distill.teacher,
+            "teacher_cache": str(teacher_cache), "teacher_cache_valid": valid, "cache_meta": meta,
+            "eval_metric": eval_metric, "loss_name": "kl" if stage == "distill" else "loss",
+            "stop_after_steps": stop_after_steps, "policy_dir": str(run_dir / "policy"), "metrics_queue": queue,
+            "resume_from": str(latest) if resume else None},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": worker_env()}),
+    )
+
+    total = s.epochs * min(len(train), s.batch_size * steps_per_epoch(len(train), s.batch_size, s.num_workers * s.grad_accum))
+    start = json.loads((latest / "state.json").read_text())["examples_seen"] if resume else 0
+    bar = tqdm(total=total, initial=start, unit="seq", desc=stage, dynamic_ncols=True)
+    evals, done = {}, {}
+
+    def on_message(m: dict) -> None:
+        event, step = m.pop("event"), int(m.pop("global_step", 0))
+        if event == "step":
+            bar.update(m["batch_sequences"])
+            bar.set_postfix({k: f"{m[k]:.3f}" for k in ("kl", "loss") if k in m})
+            tracker.log(step, m, stage=stage)
+        elif event == "eval":
+            evals[m["when"]] = m[eval_metric]
+            tracker.log(step, m, stage=f"{stage}_eval")
+        elif event == "teacher":
+            # Workers compute their shares side by side: rank 0's time is the wall time.
+            m["seconds_per_1000_sequences"] = m["seconds_rank0"] / max(m["sequences"], 1) * 1000
+            tracker.log(step, m, stage=f"{stage}_teacher")
+        elif event == "done":
+            done.update(m, global_step=step)
+
+    try:
+        fit_and_log(trainer, queue, on_message)
+    finally:
+        bar.close()
+    summary = {f"{eval_metric}_{k}": v for k, v in evals.items()}
+    tracker.summary(summary)
+    tracker.close()
+    if not done:
+        return latest_checkpoint(ckpt_root)
+    (run_dir / f"{stage}_eval.json").write_text(json.dumps({**summary, "held_out_sequences": len(held_out),
+                                                            "steps": done["global_step"]}, indent=1))
+    print(f"{stage}: held-out {eval_metric} " + " → ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+    return run_dir / "policy"
