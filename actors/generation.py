@@ -17,6 +17,7 @@ Weight sync, two paths (`generation.weight_sync`):
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -209,7 +210,7 @@ class GenerationWorker:
         return self._version
 
     def info(self) -> dict:
-        return {"version": self._version, "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
+        return {"version": self._version, "pid": os.getpid(), "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
                 "pad_id": self.pad_id, "weight_sync": self.gen_cfg.weight_sync}
 
     # ------------------------------------------------------------ weight sync: NCCL (GPU)
@@ -341,9 +342,10 @@ class GenerationPool:
             raise ValueError(f"generation.num_workers must be >= 1, got {gen_cfg.num_workers}")
         self.gen_cfg = gen_cfg
         self.chunks_per_worker = chunks_per_worker
+        self._start_args = (model_path, gen_cfg, max_model_len, dtype)
+        self._seed = seed
         # Different engine seeds: unseeded requests must not repeat across workers.
-        self.workers = [start_generation_worker(model_path, gen_cfg, max_model_len, dtype, seed + k)
-                        for k in range(gen_cfg.num_workers)]
+        self.workers = [start_generation_worker(*self._start_args, seed + k) for k in range(gen_cfg.num_workers)]
         infos = ray.get([w.info.remote() for w in self.workers])  # waits until every engine is up
         self.pad_id = infos[0]["pad_id"]
         self.max_model_len = infos[0]["max_model_len"]
@@ -425,6 +427,29 @@ class GenerationPool:
         got = get_all([w.update_weights.remote(version, [weights_ref]) for w in self.workers])
         self._check_versions(version, got)
         return time.perf_counter() - t0
+
+    def revive(self, version: int, weights_ref) -> int:
+        """Replace workers that died (ray.kill, SIGKILL, OOM, a lost node) with fresh
+        engines holding `version` (`weights_ref`: that version's state dict; None
+        for version 0, which a fresh engine already holds). Returns how many.
+
+        Object-store sync only: an NCCL group would have to be rebuilt too."""
+        replaced = 0
+        for k, w in enumerate(self.workers):
+            try:
+                ray.get(w.version.remote(), timeout=300)
+                continue
+            except ray.exceptions.RayActorError:
+                pass
+            new = start_generation_worker(*self._start_args, self._seed + k)
+            ray.get(new.info.remote())
+            if version:
+                if weights_ref is None:
+                    raise StaleWeightsError(f"cannot revive generation worker {k}: no weights for version {version}")
+                self._check_versions(version, [ray.get(new.update_weights.remote(version, [weights_ref]))])
+            self.workers[k] = new
+            replaced += 1
+        return replaced
 
     def weight_sync_client(self) -> PoolWeightSyncClient:
         if self.gen_cfg.weight_sync != "nccl":

@@ -100,6 +100,8 @@ class PPOConfig:
     max_staleness: int = doc(1, "Async: how many versions behind a rollout may be.")
     checkpoint_every: int = doc(5, "Checkpoint every N iterations.")
     eval_prompts: int = doc(32, "Held-out prompts scored at the start and end of the run.")
+    max_actor_restarts: int = doc(3, "Times a dead generation worker or PM service is replaced (current weights reloaded, the iteration's prompts regenerated) before the run stops.")
+    max_learner_restarts: int = doc(2, "Ray Train FailureConfig.max_failures: times the learner group restarts from the last checkpoint after a worker dies.")
 
 
 @dataclass
@@ -132,6 +134,29 @@ class TrackingConfig:
 
 
 @dataclass
+class CollectConfig:
+    db: str = doc("", "Comparison database (SQLite file); empty = RUN_DIR/comparisons.sqlite.")
+    host: str = doc("127.0.0.1", "Interface the collection page binds; off loopback an API key is required.")
+    port: int = doc(8001, "HTTP port of the collection page.")
+    max_text_chars: int = doc(8000, "Longest message or response text the page and the store accept.")
+    max_turns: int = doc(16, "Most messages in one conversation on the page.")
+    max_request_bytes: int = doc(65536, "Largest request body the page's API accepts.")
+
+
+@dataclass
+class OnlineConfig:
+    rounds: int = doc(3, "Rounds of deploy -> collect -> retrain PM -> PPO -> evaluate.")
+    comparisons_per_round: int = doc(64, "Labeled comparisons to collect each round.")
+    collector: str = doc("labeler", "'labeler' (automatic, unattended) or 'page' (people on the collection page).")
+    labeler: str = doc("rule", "Automatic labeler: 'rule' (the synthetic kind-words rule) or 'pm:DIR' (a gold PM as judge).")
+    tie_margin: float = doc(0.0, "PM labeler: a tie when P(a > b) is within this of 1/2.")
+    pm_init: str = doc("scratch", "'scratch': retrain the PM on all data so far (paper); 'continue': from the last PM, on the new round's data.")
+    base_data: bool = doc(True, "Also train each round's PM on the config's data (data.source), as the paper kept its static data.")
+    policy_init: str = doc("initial", "PPO each round starts from 'initial' (the first policy, as the paper's RLHF runs) or 'latest'.")
+    ppo_iterations: int = doc(0, "PPO iterations per round; 0 = ppo.iterations.")
+
+
+@dataclass
 class Config:
     seed: int = doc(0, "Random seed for data order, sampling and init.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +167,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 class ConfigError(ValueError):

@@ -12,8 +12,10 @@ run draws the same prompts and samples as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +26,7 @@ from hh_ray.checkpoint import latest_checkpoint
 from hh_ray.config import Config, ConfigError
 from hh_ray.data import load_comparisons, prompts_of, train_eval_split
 from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenizer, resolve_model
+from hh_ray.rollout import drop_nonfinite
 from hh_ray.tracking import Tracker
 
 PRODUCER = "generator"
@@ -135,11 +138,12 @@ class RLHFController:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         if resume and ckpt is None:
             print(f"no checkpoint in {self.run_dir / 'checkpoints'}: starting from iteration 0")
-        import json
-
         self.state = json.loads((ckpt / "controller_state.json").read_text()) if ckpt else \
             {"iteration": 0, "policy_version": 0, "prompt_position": 0, "seed": cfg.seed}
+        self.state.setdefault("restarts", {"generation": 0, "pm": 0, "learner": 0})
         self.tracker = Tracker(self.run_dir, cfg, "ppo")
+        self.on_phase = None  # optional hook(phase, iteration), called as each phase starts (fault-injection tests)
+        self._lock = threading.Lock()  # weight sync vs. reviving a dead generator from the producer thread
         self._start_actors(ckpt)
 
     def _start_actors(self, ckpt: Path | None) -> None:
@@ -158,31 +162,109 @@ class RLHFController:
         self.learners = PPOLearnerGroup(cfg, str(ckpt / "policy") if ckpt else self.policy_path,
                                         str(ckpt / "critic") if ckpt else critic, self.policy_path,
                                         self.run_dir, resume_from=ckpt)
+        # The version the generators hold and its weights, so a revived generator can load them.
+        self.weights = (self.state["policy_version"], self.learners.initial_weights[0] if ckpt else None)
         if ckpt:  # generators start from the initial policy; bring them to the checkpoint's version
-            self.pool.update_weights(self.state["policy_version"], self.learners.initial_weights[0])
+            self.pool.update_weights(*self.weights)
         self.queue = RolloutQueue(maxsize=1 + cfg.ppo.max_staleness)
         self.queue.register(PRODUCER)
         print(f"actors ready in {time.time() - t0:.1f}s: {cfg.generation.num_workers} generation worker(s), "
               f"PM service, {cfg.ppo.num_learners} learner(s)", flush=True)
 
+    # ---- fault tolerance: dead actors are replaced, the learner group rolls back
+
+    def _phase(self, name: str, iteration: int) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name, iteration)
+
+    def _revive_actors(self, error: Exception) -> dict:
+        """Replace dead generation workers and a dead PM service; returns how many of each."""
+        import ray
+
+        from actors.pm_service import start_pm_scorer
+
+        with self._lock:
+            gen = self.pool.revive(*self.weights)
+        pm = 0
+        try:
+            ray.get(self.scorer.score.remote([], []), timeout=300)
+        except ray.exceptions.RayActorError:
+            self.scorer = start_pm_scorer(self.pm_path, self.cfg.model.max_seq_len, self.cfg.model.dtype)
+            pm = 1
+        if not gen and not pm:
+            raise error  # nothing died: the error is not ours to absorb
+        self.state["restarts"]["generation"] += gen
+        self.state["restarts"]["pm"] += pm
+        print(f"actor failure ({type(error).__name__}): replaced {gen} generation worker(s), {pm} PM service(s)",
+              flush=True)
+        return {"generation": gen, "pm": pm}
+
+    def sync_weights(self, version: int, weights_ref) -> None:
+        import ray
+
+        with self._lock:
+            self.weights = (version, weights_ref)
+            for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
+                try:
+                    self.pool.update_weights(version, weights_ref)  # waits for an in-flight generation
+                    return
+                except ray.exceptions.RayActorError:
+                    if attempt == self.cfg.ppo.max_actor_restarts:
+                        raise
+                    self.state["restarts"]["generation"] += self.pool.revive(*self.weights)
+
+    def roll_back(self, error: Exception) -> None:
+        """The learner group restarted from scratch: restore the last checkpoint
+        (or the run's start) in it, in the controller and in the generators."""
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        restarts = self.state["restarts"]
+        restarts["learner"] += 1
+        if ckpt is not None:
+            weights = self.learners.restore(ckpt)[0]
+            self.state = {**json.loads((ckpt / "controller_state.json").read_text()), "restarts": restarts}
+        else:  # the restarted group holds the weights the run started with
+            weights = self.learners.initial_weights[0] if self.initial_state["policy_version"] else None
+            self.state = {**self.initial_state, "restarts": restarts}
+        while self.queue.qsize():  # rollouts of the abandoned iterations
+            self.queue.get(timeout=60)
+        self.sync_weights(self.state["policy_version"], weights)
+        print(f"learner group restarted ({error}); rolled back to iteration {self.state['iteration']} "
+              f"from {ckpt or 'the start of the run'}", flush=True)
+        self.tracker.log(self.state["iteration"], {"what": "learner_restart", "checkpoint": str(ckpt or "")},
+                         stage="ppo_fault")
+
     # ---- one rollout batch: draw prompts -> generate -> score -> queue
     def produce(self, iteration: int) -> dict:
+        """Produce one batch; a generation worker or PM service that dies meanwhile is
+        replaced and the iteration's prompts are generated again (same seeds)."""
+        import ray
+
+        revived = {"generation": 0, "pm": 0}
+        for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
+            try:
+                out = self._produce(iteration)
+                return {**out, "restarts_generation": revived["generation"], "restarts_pm": revived["pm"]}
+            except ray.exceptions.RayActorError as e:
+                if attempt == self.cfg.ppo.max_actor_restarts:
+                    raise
+                for k, v in self._revive_actors(e).items():
+                    revived[k] += v
+
+    def _produce(self, iteration: int) -> dict:
         import ray
 
         cfg, n = self.cfg, self.cfg.ppo.rollout_batch_size
         prompts = self.stream.take(iteration * n, n)
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        self._phase("generate", iteration)
         t0 = time.time()
         batch = self.pool.generate(ids, prompts, cfg.generation.max_new_tokens, cfg.generation.temperature,
                                    cfg.generation.top_p, seed=cfg.seed * 1_000_003 + iteration * n)
         t1 = time.time()
+        self._phase("score", iteration)
         batch.pm_score = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
         t2 = time.time()
-        # A sample with a NaN log-prob or score would poison the update: drop it, count it.
-        ok = torch.isfinite(batch.pm_score) & torch.isfinite(batch.behaviour_logprobs).all(1)
-        dropped = int((~ok).sum())
-        if dropped:
-            batch = batch.select(ok.nonzero().squeeze(1))
+        batch, dropped = drop_nonfinite(batch)
         self.queue.put(ray.put(batch), PRODUCER)
         return {"time_generate": t1 - t0, "time_score": t2 - t1, "dropped_nonfinite": dropped,
                 "reward_pm": float(batch.pm_score.mean()), "reward_pm_std": float(batch.pm_score.std()),
@@ -208,13 +290,16 @@ class RLHFController:
         self.learners.checkpoint(self.run_dir / "checkpoints" / f"iter-{it}", dict(self.state))
 
     def run(self) -> dict:
+        from learners.ppo_learner import LearnerGroupRestarted
+
         cfg = self.cfg
-        start = self.state["iteration"]
-        reward_before = self.evaluate(start) if start == 0 else None
-        history = []
+        self.initial_state = dict(self.state)
+        reward_before = self.evaluate(self.state["iteration"]) if self.state["iteration"] == 0 else None
+        history = {}
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-producer")
         pending = None  # async mode: the production of the next batch, running meanwhile
-        for i in range(start, cfg.ppo.iterations):
+        while self.state["iteration"] < cfg.ppo.iterations:
+            i = self.state["iteration"]
             t_iter = time.time()
             produced = pending.result() if pending else self.produce(i)
             batch_ref = self.queue.get(timeout=1800)
@@ -222,17 +307,27 @@ class RLHFController:
                 pending = pool.submit(self.produce, i + 1)  # generated with version i while we learn on i
             else:
                 pending = None
+            self._phase("learn", i)
             t0 = time.time()
-            weights, learned = self.learners.train(batch_ref, i)
+            try:
+                weights, learned = self.learners.train(batch_ref, i)
+            except LearnerGroupRestarted as e:
+                if pending:  # let the batch being made finish; roll_back drops it
+                    pending.result()
+                    pending = None
+                self.roll_back(e)
+                continue
             t1 = time.time()
-            self.pool.update_weights(i + 1, weights[0])  # waits for an in-flight generation to finish
+            self._phase("sync", i)
+            self.sync_weights(i + 1, weights[0])
             t2 = time.time()
             self.state.update(iteration=i + 1, policy_version=i + 1, prompt_position=(i + 1) * cfg.ppo.rollout_batch_size)
             row = {**produced, **learned, "sqrt_kl": math.sqrt(max(0.0, learned["kl"])), "policy_version": i + 1,
                    "time_learn": t1 - t0, "time_sync": t2 - t1, "time_iteration": time.time() - t_iter,
-                   "samples_per_s": produced["samples"] / (time.time() - t_iter)}
+                   "samples_per_s": produced["samples"] / (time.time() - t_iter),
+                   "restarts_learner_total": self.state["restarts"]["learner"]}
             self.tracker.log(i + 1, row)
-            history.append({"step": i + 1, **row})
+            history[i + 1] = {"step": i + 1, **row}
             print(f"[ppo {i + 1}/{cfg.ppo.iterations}] PM reward {row['reward_pm']:+.4f}  KL {row['kl']:.4f}  "
                   f"total {row['reward_total']:+.4f}  len {row['response_length']:.1f}  "
                   f"gen {row['time_generate']:.1f}s score {row['time_score']:.1f}s learn {row['time_learn']:.1f}s "
@@ -243,9 +338,10 @@ class RLHFController:
         reward_after = self.evaluate(cfg.ppo.iterations)
         self.learners.save(self.run_dir)
         summary = {"reward_pm_heldout_before": reward_before, "reward_pm_heldout_after": reward_after,
-                   "iterations": cfg.ppo.iterations, "policy": str(self.run_dir / "policy")}
+                   "iterations": cfg.ppo.iterations, "policy": str(self.run_dir / "policy"),
+                   **{f"restarts_{k}": v for k, v in self.state["restarts"].items()}}
         self.tracker.summary(summary)
-        return {**summary, "history": history}
+        return {**summary, "history": [history[k] for k in sorted(history)]}
 
     def shutdown(self) -> None:
         import ray
@@ -268,7 +364,7 @@ def train_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from hh_ray.reward_kl import plot_reward_vs_sqrt_kl
     from hh_ray.tracking import read_metrics
 
-    rows = read_metrics(run_dir, "ppo")
+    rows = read_metrics(run_dir, "ppo", last_per_step=True)
     print(reward_sqrt_kl_table(rows))
     plot = plot_reward_vs_sqrt_kl(rows, Path(run_dir) / "reward_vs_sqrt_kl.png")
     print(f"held-out PM reward: before {result['reward_pm_heldout_before']}, after {result['reward_pm_heldout_after']:.4f}")

@@ -83,3 +83,11 @@ class RolloutBatch:
             else:
                 out[f.name] = torch.cat(vals)
         return RolloutBatch(**out)
+
+
+def drop_nonfinite(batch: RolloutBatch) -> tuple[RolloutBatch, int]:
+    """Rows with a NaN/inf PM score or behaviour log-prob removed, and how many.
+    One such sample would poison the whole update (NaN advantages after whitening)."""
+    ok = torch.isfinite(batch.pm_score) & torch.isfinite(batch.behaviour_logprobs).all(1)
+    dropped = int((~ok).sum())
+    return (batch.select(ok.nonzero().squeeze(1)) if dropped else batch), dropped

@@ -23,12 +23,18 @@ def default_run_dir(stage: str) -> Path:
     return Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def read_metrics(run_dir: str | Path, stage: str | None = None) -> list[dict]:
+def read_metrics(run_dir: str | Path, stage: str | None = None, last_per_step: bool = False) -> list[dict]:
+    """Rows of metrics.jsonl (of one stage). `last_per_step`: steps that were run
+    again (after --resume or a learner-group restart) count once, as their last run."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if stage is None or r.get("stage") == stage]
+    rows = [r for r in rows if stage is None or r.get("stage") == stage]
+    if last_per_step:
+        last = {(r.get("stage"), r.get("step")): r for r in rows}
+        rows = sorted(last.values(), key=lambda r: (r.get("stage"), r.get("step")))
+    return rows
 
 
 def _jsonable(v):

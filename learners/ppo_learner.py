@@ -17,6 +17,7 @@ worker's shard, unless the batch already carries them.
 from __future__ import annotations
 
 import json
+import os
 import queue as queue_mod
 import threading
 import time
@@ -30,6 +31,15 @@ from hh_ray.config import Config
 from hh_ray.rollout import RolloutBatch
 
 RESULT_TIMEOUT_S = 1800
+
+
+class LearnerGroupRestarted(RuntimeError):
+    """A learner worker died and Ray Train restarted the group (FailureConfig):
+    it holds the weights it started with until the controller restores a checkpoint."""
+
+    def __init__(self, pids: list[int]):
+        super().__init__("the PPO learner group restarted after a worker failure")
+        self.pids = pids
 
 
 class ValueModel(torch.nn.Module):
@@ -112,8 +122,19 @@ def ppo_train_loop(config: dict) -> None:
         sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _unwrap(policy).state_dict().items()}
         return [ray.put(sd)]
 
+    # After a restart (FailureConfig) the queues may still hold commands the dead
+    # group never finished: drop them, and only then say "ready", so the
+    # controller's next command (a restore) is not dropped with them.
+    while not commands.empty():
+        commands.get()
+    pids = [None] * world
+    if world > 1:
+        dist.all_gather_object(pids, os.getpid())
+    else:
+        pids = [os.getpid()]
     if rank == 0:
-        results.put({"kind": "ready", "weights": publish_weights() if config.get("resume_from") else None})
+        results.put({"kind": "ready", "pids": pids,
+                     "weights": publish_weights() if config.get("resume_from") else None})
 
     while True:
         cmd = commands.get()
@@ -125,6 +146,16 @@ def ppo_train_loop(config: dict) -> None:
                 save_model(_unwrap(policy), policy_tok, Path(cmd["path"]) / "policy")
                 save_model(_unwrap(value_model).critic, critic_tok, Path(cmd["path"]) / "critic")
                 results.put({"kind": kind, "path": cmd["path"]})
+            continue
+        if kind == "restore":  # the controller rolls the restarted group back to a checkpoint
+            ckpt = Path(cmd["path"])
+            _unwrap(policy).load_state_dict(load_policy(str(ckpt / "policy"), cfg.model.dtype).state_dict())
+            _unwrap(value_model).critic.load_state_dict(
+                load_scalar_head_model(str(ckpt / "critic"), cfg.model.dtype)[0].state_dict())
+            load_optimizer(policy_opt, ckpt, "policy_optimizer")
+            load_optimizer(critic_opt, ckpt, "critic_optimizer")
+            if rank == 0:
+                results.put({"kind": kind, "path": str(ckpt), "weights": publish_weights()})
             continue
         if kind == "checkpoint":
             if rank == 0:
@@ -250,7 +281,7 @@ class PPOLearnerGroup:
         import dataclasses
 
         import ray
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.queue import Queue
 
@@ -269,12 +300,14 @@ class PPOLearnerGroup:
                                "commands": self.commands, "results": self.results},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train")),
+            run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train"),
+                                 failure_config=FailureConfig(max_failures=cfg.ppo.max_learner_restarts)),
         )
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, daemon=True, name="ppo-learner-group")
         self._thread.start()
-        self.initial_weights = self._wait("ready")["weights"]
+        ready = self._wait("ready")
+        self.initial_weights, self.pids = ready["weights"], ready["pids"]
 
     def _fit(self):
         try:
@@ -294,6 +327,9 @@ class PPOLearnerGroup:
                     raise
                 msg = None
             if msg is not None:
+                if msg["kind"] == "ready" and kind != "ready":
+                    self.pids = msg["pids"]
+                    raise LearnerGroupRestarted(msg["pids"])
                 if msg["kind"] != kind:
                     raise RuntimeError(f"learner group answered {msg['kind']!r}, expected {kind!r}")
                 return msg
@@ -315,6 +351,11 @@ class PPOLearnerGroup:
     def checkpoint(self, path: Path, controller_state: dict) -> Path:
         self._broadcast({"cmd": "checkpoint", "path": str(path), "controller_state": controller_state})
         return Path(self._wait("checkpoint")["path"])
+
+    def restore(self, path: Path) -> list:
+        """Load a checkpoint's policy, critic and optimizers into the running group; returns [weights ref]."""
+        self._broadcast({"cmd": "restore", "path": str(path)})
+        return self._wait("restore")["weights"]
 
     def save(self, path: Path) -> Path:
         """Write policy/ and critic/ HF folders into `path`."""
