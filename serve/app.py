@@ -74,32 +74,59 @@ class ServeArgs(BaseModel):
                       max_best_of=self.max_best_of)
 
 
-api = FastAPI(title="hh-ray", docs_url=None, redoc_url=None, openapi_url=None)
-
-
 def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type, code=code), status_code=status)
 
 
-@api.exception_handler(APIError)
-async def _api_error(request: Request, e: APIError):
-    return JSONResponse(e.body(), status_code=e.status)
+def api_app(title: str) -> FastAPI:
+    """A FastAPI app whose every error is an OpenAI-shaped JSON body (this app and serve/collect.py)."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):  # unknown path, wrong method
+        return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return _error(400, str(e))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        # A bug or an engine failure: still an OpenAI-shaped body, and the replica lives on.
+        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+    return app
 
 
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException):  # unknown path, wrong method
-    return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+def check_api_key(request: Request, api_key: str) -> None:
+    """401 unless the request carries 'Authorization: Bearer <api_key>' (no key: everyone may)."""
+    if not api_key:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth[:7].lower() == "bearer " else ""
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                       code="invalid_api_key")
 
 
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError):
-    return _error(400, str(e))
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes the limit (even without a Content-Length)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    return bytes(raw)
 
 
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, e: Exception):
-    # A bug or an engine failure: still an OpenAI-shaped body, and the replica lives on.
-    return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+api = api_app("hh-ray")
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
@@ -149,26 +176,10 @@ class ChatServer:
     # ------------------------------------------------------------ helpers
 
     def _authorize(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
+        check_api_key(request, self.api_key)
 
     async def _read_body(self, request: Request) -> bytes:
-        """The body, refused as soon as it passes the limit (even without a Content-Length)."""
-        limit = self.limits.max_request_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-        raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        return bytes(raw)
+        return await read_body(request, self.limits.max_request_bytes)
 
     def _sampling(self, req: ChatRequest, best_of: int, default_stop: list[str], prompt_len: int):
         from hh_ray.vllm_engine import sampling_params
@@ -326,16 +337,15 @@ def build_app(args: dict) -> serve.Application:
                                                  "runtime_env": {"env_vars": worker_env()}}).bind(a.model_dump())
 
 
-def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "hh-ray",
-          require_key_off_loopback: bool = True):
-    """Start Serve's HTTP proxy on host:port and deploy the app; returns its handle.
-    Off the loopback interface an API key is required: the server would answer anyone."""
-    a = ServeArgs(**args)
-    if require_key_off_loopback and host not in ("127.0.0.1", "localhost", "::1") \
-            and not (a.api_key or os.environ.get(API_KEY_ENV)):
+def check_bind(host: str, api_key: str) -> None:
+    """Off the loopback interface an API key is required: the server would answer anyone."""
+    if host not in ("127.0.0.1", "localhost", "::1") and not (api_key or os.environ.get(API_KEY_ENV)):
         raise ValueError(f"binding to {host} without an API key would serve anyone who can reach it: "
                          f"set --api-key or ${API_KEY_ENV}")
-    app = build_app(args)  # bad arguments fail here, before Ray starts or a port is bound
+
+
+def deploy(app: serve.Application, host: str, port: int, name: str):
+    """Start Serve's HTTP proxy on host:port (and Ray if needed) and run the app at '/'."""
     from hh_ray.cluster import ensure_ray
 
     ensure_ray()
@@ -343,20 +353,28 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "hh
     return serve.run(app, name=name, route_prefix="/")
 
 
-def run_forever(args: dict, host: str = "127.0.0.1", port: int = 8000) -> int:
-    """`hh-ray serve`: deploy, print where, block until Ctrl-C, then shut Serve down."""
+def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "hh-ray",
+          require_key_off_loopback: bool = True):
+    """Start Serve's HTTP proxy on host:port and deploy the app; returns its handle."""
+    a = ServeArgs(**args)
+    if require_key_off_loopback:
+        check_bind(host, a.api_key)
+    app = build_app(args)  # bad arguments fail here, before Ray starts or a port is bound
+    return deploy(app, host, port, name)
+
+
+def block_until_stopped(start_fn, banner: str) -> int:
+    """Run start_fn(), print banner, block until Ctrl-C / SIGTERM, then shut Serve down."""
     import signal
 
-    build_app(args)  # bad arguments fail before anything starts
     try:
-        start(args, host, port)
+        start_fn()
         # After ray.init, which installs its own (aborting) SIGTERM handler: SIGTERM
         # (kill, systemd, docker stop) and a SIGINT a background job inherited as
         # ignored both end in the clean shutdown below.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        key = " (API key required)" if (args.get("api_key") or os.environ.get(API_KEY_ENV)) else ""
-        print(f"hh-ray serve: OpenAI-compatible API at http://{host}:{port}/v1{key}; Ctrl-C to stop", flush=True)
+        print(banner, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -367,3 +385,11 @@ def run_forever(args: dict, host: str = "127.0.0.1", port: int = 8000) -> int:
         if ray.is_initialized():  # serve.shutdown() would start a Ray just to find nothing
             serve.shutdown()
     return 0
+
+
+def run_forever(args: dict, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """`hh-ray serve`: deploy, print where, block until Ctrl-C, then shut Serve down."""
+    build_app(args)  # bad arguments fail before anything starts
+    key = " (API key required)" if (args.get("api_key") or os.environ.get(API_KEY_ENV)) else ""
+    return block_until_stopped(lambda: start(args, host, port),
+                               f"hh-ray serve: OpenAI-compatible API at http://{host}:{port}/v1{key}; Ctrl-C to stop")
