@@ -24,8 +24,10 @@ STAGES = {
     "distill": "Context distillation of an HHH prompt into the policy (KL over the teacher's top-k tokens + rest) on a Ray Train learner group; writes RUN/policy.",
     "sft": "Supervised finetuning on the chosen responses of HH comparisons (loss on Assistant tokens only); writes RUN/policy.",
     "train-ppo": "PPO against the PM with a KL penalty: vLLM actors generate, Ray Train learners update.",
-    "online": "Iterated online RLHF rounds (not available yet).",
-    "collect": "Comparison collection page (not available yet).",
+    "online": "Iterated online RLHF: rounds of deploy snapshots -> collect comparisons (automatic labeler or the "
+              "collection page) -> retrain the PM on all data -> PPO -> evaluate (PM accuracy, reward, Elo); resumable.",
+    "collect": "Comparison collection page on Ray Serve: chat, see two responses per turn, pick the better one "
+               "(keys 1/2, t tie, b both bad); labels go to the SQLite database (--collect.db).",
     "serve": "Serve a trained policy with Ray Serve: OpenAI-compatible chat completions, best-of-n with the PM, OOD flag.",
     "report": "Write RUN_DIR/report.html: config, metric curves, reward vs sqrt(KL) and every evaluation found in the run folder.",
 }
@@ -58,6 +60,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ood-refuse", action="store_true", help="refuse prompts the OOD detector flags")
 
 
+def _add_collect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", required=True, help="policy snapshot A (folder, or 'tiny' / 'smollm2')")
+    p.add_argument("--policy-b", default="", help="snapshot B; without it the two responses are two samples of A")
+    p.add_argument("--round", type=int, default=0, help="online round the collected pairs belong to")
+    p.add_argument("--api-key", default="", help="Bearer key the page's API requires (default: $HH_RAY_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hh-ray",
@@ -77,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if stage == "serve":
             _add_serve_args(p)
+        if stage == "collect":
+            _add_collect_args(p)
         if stage == "eval":
             p.add_argument("what", choices=["pm", "best-of-n", "elo", "ood"], help="which evaluation")
             p.add_argument("--pm", required=False, help="trained PM folder")
@@ -182,6 +193,28 @@ def run_policy_init(cfg: Config, run_dir: Path, args) -> int:
     return 0
 
 
+def run_collect(cfg: Config, run_dir: Path, args) -> int:
+    from serve.collect import run_collect_forever
+
+    c, g = cfg.collect, cfg.generation
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_collect_forever(dict(policy=args.policy, policy_b=args.policy_b, round=args.round,
+                                    db=c.db or str(run_dir / "comparisons.sqlite"), api_key=args.api_key,
+                                    max_text_chars=c.max_text_chars, max_turns=c.max_turns,
+                                    max_request_bytes=c.max_request_bytes, max_new_tokens=g.max_new_tokens,
+                                    temperature=g.temperature, cpus_per_replica=g.cpus_per_worker,
+                                    kv_cache_gib=g.kv_cache_gib, seed=cfg.seed),
+                               host=c.host, port=c.port)
+
+
+def run_online(cfg: Config, run_dir: Path, args) -> int:
+    from hh_ray.online import online
+
+    rounds = online(cfg, run_dir, resume=args.resume)
+    print(f"{len(rounds)} round(s) done; per-round metrics in {run_dir}/round-*/summary.json and metrics.jsonl")
+    return 0
+
+
 STAGE_RUNNERS = {
     "demo": run_demo,
     "train-pm": run_train_pm,
@@ -190,7 +223,8 @@ STAGE_RUNNERS = {
     "serve": run_serve,
     "distill": run_policy_init,
     "sft": run_policy_init,
-    **{s: _not_yet(s) for s in ("online", "collect")},
+    "collect": run_collect,
+    "online": run_online,
 }
 
 if __name__ == "__main__":
