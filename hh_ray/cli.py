@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from hh_ray.config import Config, ConfigError, flat_fields, load_config
+from hh_ray.config import Config, ConfigError, flat_fields, load_config, set_value
 
 STAGES = {
     "demo": "Run the whole method end to end on the embedded default (SmolLM2-135M, synthetic comparisons): PM, then PPO, then the report.",
@@ -20,7 +20,8 @@ STAGES = {
     "train-pm": "Train the preference model (optional PMP stage, then HH finetuning) on a Ray Train learner group.",
     "eval": "The paper's evaluations: `eval pm` (accuracy, accuracy by turn, calibration), `eval best-of-n` "
             "(rejection sampling vs analytic KL), `eval elo` (checkpoints rated with the PM as judge), "
-            "`eval ood` (harmful-request detection per layer; saves a detector for serve).",
+            "`eval ood` (harmful-request detection per layer; saves a detector for serve), `eval robustness` "
+            "(train-PM vs test-PM: PPO against one half's PM, scored by the other's).",
     "distill": "Context distillation of an HHH prompt into the policy (KL over the teacher's top-k tokens + rest) on a Ray Train learner group; writes RUN/policy.",
     "sft": "Supervised finetuning on the chosen responses of HH comparisons (loss on Assistant tokens only); writes RUN/policy.",
     "train-ppo": "PPO against the PM with a KL penalty: vLLM actors generate, Ray Train learners update.",
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "collect":
             _add_collect_args(p)
         if stage == "eval":
-            p.add_argument("what", choices=["pm", "best-of-n", "elo", "ood"], help="which evaluation")
+            p.add_argument("what", choices=["pm", "best-of-n", "elo", "ood", "robustness"], help="which evaluation")
             p.add_argument("--pm", required=False, help="trained PM folder")
             p.add_argument("--data", help="comparisons to evaluate on (default: the config's data, held-out part)")
             from hh_ray.eval_commands import add_arguments
@@ -117,8 +118,13 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     try:
+        for flag in unknown:  # a mistyped --section.key: name the closest real one (exit 2 like argparse)
+            if not flag.startswith("--") or "." not in flag:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            set_value(Config(), flag[2:].split("=", 1)[0], None, where="command line")
         if args.stage == "prepare-model":
             from hh_ray.models import resolve_model
 
@@ -183,6 +189,7 @@ def run_serve(cfg: Config, run_dir: Path, args) -> int:
                             cpus_per_replica=g.cpus_per_worker, kv_cache_gib=g.kv_cache_gib,
                             default_max_tokens=g.max_new_tokens, pm_max_len=cfg.model.max_seq_len, seed=cfg.seed),
                        host=args.host, port=args.port)
+
 
 
 def run_policy_init(cfg: Config, run_dir: Path, args) -> int:

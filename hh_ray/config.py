@@ -9,6 +9,7 @@ resolved config is saved as `config.yaml` in the run folder.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,47 @@ class ConfigError(ValueError):
     pass
 
 
+# Allowed values, checked as each value is set, so a bad one stops the command
+# before it starts anything or writes a run folder.
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "pm.strategy": ("ddp", "fsdp"),
+    "generation.weight_sync": ("object_store", "nccl"),
+    "ppo.kl_estimator": ("k1", "k3"),
+    "ppo.loss_agg": ("token_mean", "seq_mean"),
+    "ppo.lr_schedule": ("constant", "linear", "cosine"),
+    "ppo.critic_init": ("pm", "policy"),
+    "ppo.mode": ("sync", "async"),
+    "tracking.wandb": ("auto", "online", "offline", "disabled"),
+}
+# Numbers are >= 0 unless listed here as (low, high), inclusive; None = unbounded.
+RANGES = {
+    **{k: (1, None) for k in (
+        "model.max_seq_len", "pm.epochs", "pm.batch_size", "pm.grad_accum", "pm.checkpoint_every",
+        "pm.num_workers", "generation.num_workers", "generation.cpus_per_worker", "generation.max_new_tokens",
+        "generation.tensor_parallel_size", "ppo.epochs", "ppo.rollout_batch_size", "ppo.minibatch_size",
+        "ppo.micro_batch_size", "ppo.num_learners", "ppo.checkpoint_every")},
+    "data.eval_fraction": (0.0, 0.99),
+    "generation.top_p": (1e-6, 1.0),
+    "generation.kv_cache_gib": (0.01, None),
+    "ppo.gamma": (0.0, 1.0),
+    "ppo.gae_lambda": (0.0, 1.0),
+    "ppo.clip_eps": (1e-6, None),
+    "ppo.value_clip_eps": (1e-6, None),
+}
+
+
+def check_value(dotted: str, value: Any, where: str) -> None:
+    """Raise a one-line ConfigError naming the key and what it allows."""
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, CHOICES[dotted]))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = RANGES.get(dotted, (0, None))
+        if value != value or (low is not None and value < low) or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{where}: {value!r} is out of range; allowed: {allowed}")
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -212,13 +254,16 @@ def set_value(cfg: Config, dotted: str, value: Any, where: str = "override") -> 
     fields = flat_fields()
     if dotted not in fields:
         close = [k for k in fields if k.split(".")[-1] == dotted.split(".")[-1]]
+        close = close or difflib.get_close_matches(dotted, fields, n=1, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"{where}: unknown config key {dotted!r}{hint}")
     *parents, leaf = dotted.split(".")
     obj = cfg
     for p in parents:
         obj = getattr(obj, p)
-    setattr(obj, leaf, _coerce(value, fields[dotted].type, f"{where}: {dotted}"))
+    value = _coerce(value, fields[dotted].type, f"{where}: {dotted}")
+    check_value(dotted, value, f"{where}: {dotted}")
+    setattr(obj, leaf, value)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

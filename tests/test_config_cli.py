@@ -62,3 +62,26 @@ def test_console_script_help_runs():
 def test_cli_reports_config_errors(capsys):
     assert main(["train-ppo", "--ppo.epochs", "x"]) == 2
     assert "ppo.epochs: expected int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--ppo.klcoef", "0.1"], "command line: unknown config key 'ppo.klcoef' (did you mean ppo.kl_coef?)"),
+    (["--ppo.mode", "fast"], "ppo.mode: 'fast' is not one of 'sync', 'async'"),
+    (["--ppo.gamma", "1.5"], "ppo.gamma: 1.5 is out of range; allowed: in [0.0, 1.0]"),
+    (["--ppo.epochs", "0"], "ppo.epochs: 0 is out of range; allowed: >= 1"),
+    (["--config", "nope.yaml"], "config file not found: nope.yaml"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, msg):
+    run_dir = tmp_path / "run"
+    assert main(["train-ppo", "--run-dir", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "\n" not in err
+    assert not run_dir.exists()
+
+
+def test_yaml_type_error_names_file_and_key(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("generation:\n  temperature: [1, 2]\n")
+    assert main(["train-pm", "--config", str(f), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{f}: generation.temperature: expected float" in err and not (tmp_path / "run").exists()
