@@ -235,7 +235,10 @@ def load_cache(folder: Path) -> dict[int, tuple]:
 
 
 def load_corpus(source: str, num_synthetic: int = 4000, seed: int = 0) -> list[str]:
-    """Texts to distill on: 'synthetic', a .txt file (one text per non-empty line) or a .jsonl file.
+    """Texts to distill on: 'synthetic', a .txt file or a .jsonl file.
+
+    A .txt file holds one text per non-empty line; a literal backslash-n in it
+    stands for a newline, so multi-turn HH dialogues fit on one line.
 
     A .jsonl record gives its 'text' field, or an HH record its 'chosen'
     transcript. Errors name the file (and line).
