@@ -1,8 +1,8 @@
-"""`hh-ray eval best-of-n | elo | ood`: run an evaluation and save it in the run folder.
+"""`hh-ray eval best-of-n | elo | ood | robustness`: run an evaluation and save it in the run folder.
 
 Each writes RUN_DIR/<name>/<name>.json (top-level numbers, a "method" line
 and a "table" of rows) and PNGs next to it, which `hh-ray report RUN_DIR`
-picks up. The math is in best_of_n.py, elo.py and ood.py / ood_eval.py.
+picks up. The math is in best_of_n.py, elo.py, ood.py / ood_eval.py and robustness.py.
 """
 
 from __future__ import annotations
@@ -206,7 +206,14 @@ def eval_ood(cfg: Config, run_dir: Path, args) -> int:
     return 0
 
 
-COMMANDS = {"best-of-n": eval_best_of_n, "elo": eval_elo, "ood": eval_ood}
+def eval_robustness(cfg: Config, run_dir: Path, args) -> int:
+    """Train-PM vs test-PM (hh_ray/robustness.py): trains two PMs and runs PPO, so it needs Ray."""
+    from hh_ray.robustness import eval_robustness as run_robustness
+
+    return run_robustness(cfg, run_dir, args)
+
+
+COMMANDS = {"best-of-n": eval_best_of_n, "elo": eval_elo, "ood": eval_ood, "robustness": eval_robustness}
 
 
 def add_arguments(p) -> None:
@@ -222,6 +229,12 @@ def add_arguments(p) -> None:
     g.add_argument("--layers", type=int, nargs="+", help="ood: hidden_states indices (default L/4, L/2, 3L/4, L)")
     g.add_argument("--shots", type=int, nargs="+", help="ood: k harmful examples for the probe (default 1 4 16)")
     g.add_argument("--ridge", type=float, default=1e-2, help="ood: covariance ridge, × mean unit variance")
+    g = p.add_argument_group("robustness")
+    g.add_argument("--samples-per-prompt", type=int, default=2,
+                   help="robustness: responses per held-out prompt and checkpoint (--num-prompts prompts)")
+    g.add_argument("--gap-threshold", type=float, default=0.5,
+                   help="robustness: the curves part where train-PM gain − test-PM gain exceeds this "
+                        "(PM units, log-odds), or where train rises while test falls")
 
 
 def run(what: str, cfg: Config, run_dir: Path, args) -> int:

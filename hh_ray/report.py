@@ -10,7 +10,8 @@ Evaluation folders it looks for, each written by its `hh-ray eval …`:
   best_of_n/   best-of-n reward against analytic KL (best_of_n.json + PNG)
   elo/         Elo ratings of checkpoints (elo.json + PNG)
   ood/         OOD detection AUROC per layer (ood.json + PNG; detector/)
-  robustness/  train-PM vs test-PM (robustness.json + PNG)
+  robustness/  train-PM vs test-PM against √KL, where they part (robustness.json + PNG;
+               its PMs, PPO run and data below it are not read)
 Every JSON's top-level numbers become a table, and so does every top-level
 list of flat records; every PNG in the folder is shown.
 """
@@ -176,9 +177,11 @@ def evaluation_section(run_dir: Path, name: str, title: str) -> str | None:
             parts.append(f'<p class="missing">{html.escape(j.name)}: unreadable ({html.escape(str(e))})</p>')
             continue
         if isinstance(results, dict):
-            if results.get("method"):
-                parts.append(f"<p><b>Method.</b> {html.escape(str(results['method']))}</p>")
-            parts.append(json_tables({k: v for k, v in results.items() if k != "method"}))
+            # "method" says how it was measured, "finding" what came out (robustness: where the curves part).
+            for key, label in (("method", "Method"), ("finding", "Finding")):
+                if results.get(key):
+                    parts.append(f"<p><b>{label}.</b> {html.escape(str(results[key]))}</p>")
+            parts.append(json_tables({k: v for k, v in results.items() if k not in ("method", "finding")}))
     parts += [png_tag(p) for p in pngs]
     return "\n".join(parts)
 
@@ -203,9 +206,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 sections.append(s)
     if missing:
         sections.append('<h2 id="not-run">Evaluations not run</h2><p class="missing">'
-                        + ", ".join(missing) + " (run <code>hh-ray eval …</code> with this --run-dir"
-                        + ("; <code>eval robustness</code> is not available yet" if "robustness" in missing else "")
-                        + ")</p>")
+                        + ", ".join(missing) + " (run <code>hh-ray eval …</code> with this --run-dir)</p>")
     title = f"hh-ray report: {html.escape(run_dir.resolve().name)}"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
             f"</head><body><h1>{title}</h1><p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} from "
