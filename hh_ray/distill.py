@@ -141,7 +141,7 @@ def read_prompt(path: str = "") -> str:
 @torch.no_grad()
 def prompt_kv(model, prompt_ids: list[int]):
     """Keys/values of the prompt, computed once and reused for every batch of texts."""
-    return model(input_ids=torch.tensor([prompt_ids]), use_cache=True).past_key_values
+    return model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True).past_key_values
 
 
 @torch.no_grad()
@@ -154,14 +154,15 @@ def teacher_logits(model, kv, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     """
     cache = copy.deepcopy(kv)  # forward appends to the cache; keep the prompt's clean
     cache.batch_repeat_interleave(ids.shape[0])
+    ids, mask = ids.to(model.device), mask.to(model.device)
     full_mask = torch.cat([mask.new_ones(ids.shape[0], cache.get_seq_length()), mask], dim=1)
     return model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits
 
 
 def teacher_rows(model, kv, examples: list[dict], pad_id: int, k: int) -> list[tuple]:
-    """Per example: (ids [n−1, k], log-probs [n−1, k], rest [n−1]) for its n−1 predicted tokens."""
+    """Per example: (ids [n−1, k], log-probs [n−1, k], rest [n−1]) for its n−1 predicted tokens, on the CPU."""
     ids, mask = pad_rows([e["ids"] for e in examples], pad_id)
-    t_ids, t_logp, t_rest = teacher_topk(teacher_logits(model, kv, ids, mask)[:, :-1], k)
+    t_ids, t_logp, t_rest = (t.cpu() for t in teacher_topk(teacher_logits(model, kv, ids, mask)[:, :-1], k))
     return [(t_ids[i, : len(e["ids"]) - 1].to(torch.int32), t_logp[i, : len(e["ids"]) - 1],
              t_rest[i, : len(e["ids"]) - 1]) for i, e in enumerate(examples)]
 

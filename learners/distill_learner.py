@@ -24,7 +24,6 @@ import contextlib
 import copy
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -33,9 +32,9 @@ import torch
 from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, loss_mask, loss_tokens,
                             next_token_logp, pad_rows, prompt_kv, read_prompt, save_shard, sft_example,
                             stack_targets, teacher_rows, token_nll, topk_kl, write_meta)
-from learners.pm_learner import (CHECKPOINTS, MAX_GRAD_NORM, _all_reduce, _checkpoint, chain_digest, epoch_order,
-                                 fresh_position, latest_checkpoint, read_checkpoint, step_ids, steps_per_epoch,
-                                 worker_micro_batches)
+from learners.group import checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer
+from learners.pm_learner import (MAX_GRAD_NORM, _all_reduce, _checkpoint, chain_digest, epoch_order, fresh_position,
+                                 read_checkpoint, step_ids, steps_per_epoch, worker_micro_batches)
 
 STAGES = ("distill", "sft")
 TEACHER_CACHE = "teacher_cache"
@@ -151,6 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])
     model, tok = load_policy(config["init_path"], config["dtype"]), load_tokenizer(config["init_path"])
+    model.to(device)  # the teacher pass below runs before prepare_model would move it (GPU)
     data = ray.get(config["data"][0])  # wrapped in a list so Ray does not resolve it on the way
     examples, n_train = data["train"] + data["held_out"], len(data["train"])
     held_out = list(range(n_train, len(examples)))
@@ -280,42 +280,16 @@ def check_settings(cfg, stage: str, s, n_train: int, prompt_ids: list[int], init
                              "model.max_seq_len lower")
 
 
-def fit_and_log(trainer, queue, on_message) -> None:
-    """trainer.fit() while a thread hands every queued message to on_message (fit blocks this thread)."""
-    finished = threading.Event()
-
-    def drain() -> None:
-        while True:
-            try:
-                m = queue.get(timeout=0.5)
-            except Exception:  # queue.Empty
-                if finished.is_set():
-                    return
-                continue
-            on_message(m)
-
-    logger = threading.Thread(target=drain, daemon=True)
-    logger.start()
-    try:
-        trainer.fit()
-    finally:
-        finished.set()
-        logger.join()
-        queue.shutdown()
-
-
 def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after_steps: int | None = None) -> Path:
     """`hh-ray distill` / `hh-ray sft`: train, evaluate before/after on held-out text, write RUN/policy.
 
     Returns run_dir/policy, or — when stop_after_steps stops it early — the
     checkpoint it wrote, which resume=True continues from.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
     from tqdm import tqdm
 
-    from hh_ray.cluster import ensure_ray, worker_env
+    from hh_ray.cluster import ensure_ray
     from hh_ray.models import load_tokenizer, resolve_model
     from hh_ray.tracking import Tracker
 
@@ -323,12 +297,7 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
         raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
     s = getattr(cfg, stage)
     run_dir = Path(run_dir).resolve()
-    ckpt_root = run_dir / CHECKPOINTS
-    latest = latest_checkpoint(ckpt_root)
-    if resume and latest is None:
-        raise ValueError(f"--resume: no checkpoint under {ckpt_root}")
-    if not resume and latest is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or another --run-dir")
+    ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
 
     init_path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
     tok = load_tokenizer(init_path)
@@ -348,14 +317,12 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
           + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))
 
     ray = ensure_ray()
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= s.num_workers
     tracker = Tracker(run_dir, cfg, stage=stage, resume=resume)
     tracker.log(0, {"train_sequences": len(train), "held_out_sequences": len(held_out), **info}, stage=f"{stage}_data")
     eval_metric = "heldout_kl" if stage == "distill" else "heldout_loss"
     queue = Queue()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = learner_trainer(
+        train_loop_per_worker, num_workers=s.num_workers, ckpt_root=ckpt_root, config={
             "stage": stage, "data": [ray.put({"train": train, "held_out": held_out})], "prompt_ids": prompt_ids,
             "init_path": init_path, "dtype": cfg.model.dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
             "seed": cfg.seed, "epochs": s.epochs, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
@@ -364,17 +331,10 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
             "teacher_cache": str(teacher_cache), "teacher_cache_valid": valid, "cache_meta": meta,
             "eval_metric": eval_metric, "loss_name": "kl" if stage == "distill" else "loss",
             "stop_after_steps": stop_after_steps, "policy_dir": str(run_dir / "policy"), "metrics_queue": queue,
-            "resume_from": str(latest) if resume else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": worker_env()}),
-    )
+            "resume_from": str(latest) if latest else None})
 
     total = s.epochs * min(len(train), s.batch_size * steps_per_epoch(len(train), s.batch_size, s.num_workers * s.grad_accum))
-    start = json.loads((latest / "state.json").read_text())["examples_seen"] if resume else 0
+    start = json.loads((latest / "state.json").read_text())["examples_seen"] if latest else 0
     bar = tqdm(total=total, initial=start, unit="seq", desc=stage, dynamic_ncols=True)
     evals, done = {}, {}
 

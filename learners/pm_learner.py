@@ -29,15 +29,14 @@ import json
 import random
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from hh_ray.data import DataError, load_comparisons
+from learners.group import CHECKPOINTS, checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer  # noqa: F401 (re-exported)
 
-CHECKPOINTS = "checkpoints"
 MAX_GRAD_NORM = 1.0  # clipping keeps the tiny test model's high LR stable; harmless at paper LRs
 
 
@@ -124,12 +123,6 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
                                  json.loads((folder / "optimizer.json").read_text()))
     return (load_file(str(folder / "model.safetensors")), optim,
             json.loads((folder / "state.json").read_text()))
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest global step under run_dir/checkpoints."""
-    done = [p.parent for p in Path(root).glob("*/step_*/state.json")]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
 # ---------------------------------------------------------------- the learner (one per Ray Train worker)
@@ -335,23 +328,16 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     Returns run_dir/pm, or — when stop_after_steps stops it early — the
     checkpoint it wrote, which `resume=True` continues from.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
     from tqdm import tqdm
 
-    from hh_ray.cluster import ensure_ray, worker_env
+    from hh_ray.cluster import ensure_ray
     from hh_ray.models import load_pm_tokenizer, resolve_model
     from hh_ray.pm_eval import flat_summary, format_table
     from hh_ray.tracking import Tracker
 
     run_dir = Path(run_dir).resolve()
-    ckpt_root = run_dir / CHECKPOINTS
-    latest = latest_checkpoint(ckpt_root)
-    if resume and latest is None:
-        raise ValueError(f"--resume: no checkpoint under {ckpt_root}")
-    if not resume and latest is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or another --run-dir")
+    ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
 
     stages, held_out, counts = build_stages(cfg)
     check_settings(cfg, stages)
@@ -364,7 +350,6 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
           f"{cfg.model.max_seq_len} tokens truncated from the left (end-of-context token kept)")
 
     ray = ensure_ray()
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.pm.num_workers
     tracker = Tracker(run_dir, cfg, stage="pm", resume=resume)
     tracker.log(0, {"train_pairs": len(stages[-1]["comparisons"]), "held_out_pairs": len(held_out),
                     "truncated_transcripts": truncated, **{f"skipped_{k}": v for k, v in counts.items()}},
@@ -375,54 +360,32 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     start = json.loads((latest / "state.json").read_text())["examples_seen"] if resume else 0
 
     queue = Queue()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = learner_trainer(
+        train_loop_per_worker, num_workers=cfg.pm.num_workers, ckpt_root=ckpt_root, config={
             "stages": [ray.put(stages)], "init_path": init_path, "dtype": cfg.model.dtype,
             "gradient_checkpointing": cfg.model.gradient_checkpointing, "strategy": cfg.pm.strategy,
             "seed": cfg.seed, "epochs": cfg.pm.epochs, "batch_size": cfg.pm.batch_size,
             "grad_accum": cfg.pm.grad_accum, "weight_decay": cfg.pm.weight_decay,
             "checkpoint_every": cfg.pm.checkpoint_every, "max_len": cfg.model.max_seq_len,
             "stop_after_steps": stop_after_steps, "pm_dir": str(run_dir / "pm"), "metrics_queue": queue,
-            "resume_from": str(latest) if resume else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.pm.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": worker_env()}),
-    )
+            "resume_from": str(latest) if latest else None})
 
     bar = tqdm(total=total, initial=start, unit="pair", desc="PM", dynamic_ncols=True)
     last: dict = {}
-    finished = threading.Event()
 
-    def drain() -> None:
-        # Logs while fit() blocks the main thread; the final sweep runs after it returns.
-        while True:
-            try:
-                m = queue.get(timeout=0.5)
-            except Exception:  # queue.Empty
-                if finished.is_set():
-                    return
-                continue
-            last.update(m)
-            stage = "pm_" + m.get("stage", "done")
-            tracker.log(int(m.get("global_step", 0)), {k: v for k, v in m.items() if k not in ("stage", "global_step")},
-                        stage=stage)
-            if "loss" in m:
-                bar.update(m["batch_pairs"])
-                bar.set_postfix(stage=m["stage"], loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+    def on_message(m: dict) -> None:
+        last.update(m)
+        stage = "pm_" + m.get("stage", "done")
+        tracker.log(int(m.get("global_step", 0)), {k: v for k, v in m.items() if k not in ("stage", "global_step")},
+                    stage=stage)
+        if "loss" in m:
+            bar.update(m["batch_pairs"])
+            bar.set_postfix(stage=m["stage"], loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
 
-    logger = threading.Thread(target=drain, daemon=True)
-    logger.start()
     try:
-        trainer.fit()
+        fit_and_log(trainer, queue, on_message)
     finally:
-        finished.set()
-        logger.join()
         bar.close()
-        queue.shutdown()
 
     if not last.get("done"):
         tracker.close()

@@ -1,0 +1,79 @@
+"""What every Ray Train learner group shares: the run folder's checkpoint guard, the
+`TorchTrainer` (gloo on CPU, NCCL when every worker gets a GPU) and `fit()` with
+metrics drained from a Queue while it blocks (DESIGN.md §3: Ray Train V2 keeps no
+metrics without a checkpoint, so workers send them through a `ray.util.queue.Queue`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest global step under run_dir/checkpoints."""
+    done = [p.parent for p in Path(root).glob("*/step_*/state.json")]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> tuple[Path, Path | None]:
+    """(run_dir/checkpoints, the checkpoint to resume or None); refuses to mix runs in one folder."""
+    root = Path(run_dir) / CHECKPOINTS
+    latest = latest_checkpoint(root)
+    if resume and latest is None:
+        raise ValueError(f"--resume: no checkpoint under {root}")
+    if not resume and latest is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or another --run-dir")
+    return root, latest if resume else None
+
+
+def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path):
+    """A TorchTrainer of num_workers workers on the running Ray cluster; checkpoints under ckpt_root."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hh_ray.cluster import worker_env
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
+    return TorchTrainer(
+        train_loop, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # One CPU per worker on CPU machines: Ray then gives each worker one torch thread.
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": worker_env()}),
+    )
+
+
+def fit_and_log(trainer, queue, on_message) -> None:
+    """trainer.fit() while a thread hands every queued message to on_message (fit blocks this thread).
+
+    The thread keeps draining until fit() has returned and the queue is empty,
+    so the workers' last messages are logged too.
+    """
+    finished = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                m = queue.get(timeout=0.5)
+            except Exception:  # queue.Empty
+                if finished.is_set():
+                    return
+                continue
+            on_message(m)
+
+    logger = threading.Thread(target=drain, daemon=True)
+    logger.start()
+    try:
+        trainer.fit()
+    finally:
+        finished.set()
+        logger.join()
+        queue.shutdown()
