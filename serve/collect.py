@@ -24,7 +24,6 @@ asks for it and sends it as a Bearer header):
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import threading
@@ -37,7 +36,7 @@ from ray import serve
 
 from hh_ray.comparisons import AlreadyLabeled, ComparisonStore, StoreError, TextTooLong, UnknownPair
 from serve.app import API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, deploy, read_body
-from serve.openai_protocol import APIError, hh_prompt, policy_prompt
+from serve.openai_protocol import APIError, hh_prompt, parse_json_object, policy_prompt
 
 PAGE = Path(__file__).parent / "static" / "collect.html"
 PAGE_LABELER_PREFIX = "page:"  # machine labelers write "rule:..." / "pm:..."
@@ -64,16 +63,6 @@ class CollectArgs(BaseModel):
 
 
 # ---------------------------------------------------------------- request checks (pure)
-
-def parse_json_object(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    return body
-
 
 def parse_conversation(body: dict, max_turns: int, max_chars: int) -> list[dict]:
     """The messages of /api/respond: user and assistant turns alternating, starting and ending with user."""

@@ -112,17 +112,23 @@ def _content_text(content, i: int) -> str:
                    f"messages[{i}].content", "invalid_type")
 
 
-def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
-    """Validate a request body; raise APIError (4xx) naming the first problem."""
-    if len(raw) > limits.max_request_bytes:
-        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {limits.max_request_bytes}",
-                       code="request_too_large")
+def parse_json_object(raw: bytes) -> dict:
+    """A request body that must be a JSON object (this API and the collection page's)."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
+    """Validate a request body; raise APIError (4xx) naming the first problem."""
+    if len(raw) > limits.max_request_bytes:
+        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {limits.max_request_bytes}",
+                       code="request_too_large")
+    body = parse_json_object(raw)
 
     msgs = body.get("messages")
     if not isinstance(msgs, list):
