@@ -23,7 +23,7 @@ import time
 import ray
 import torch
 
-from hh_ray.config import GenerationConfig
+from hh_ray.config import GenerationConfig, parse_resources
 from hh_ray.rollout import RolloutBatch
 
 
@@ -263,7 +263,8 @@ def start_generation_worker(model_path: str, gen_cfg: GenerationConfig, max_mode
     from hh_ray.cluster import worker_env
 
     gpus = gen_cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    opts = dict(num_cpus=gen_cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": worker_env()})
+    opts = dict(num_cpus=gen_cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": worker_env()},
+                resources=parse_resources(gen_cfg.resources, "generation.resources"))
     if name:
         opts["name"] = name
     return GenerationWorker.options(**opts).remote(model_path, gen_cfg, max_model_len, dtype, seed)

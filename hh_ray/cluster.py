@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -14,12 +15,23 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def _job_env_vars() -> dict[str, str]:
+    """env_vars of the `ray job submit --runtime-env-json` this driver runs under, if any."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+
+
 def ensure_ray(num_cpus: int | None = None):
     import ray
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env={"env_vars": worker_env()})
+            # Ray refuses to merge a job's runtime env with a driver's that sets
+            # the same variables: add only those the job did not set.
+            job = _job_env_vars()
+            ray.init(runtime_env={"env_vars": {k: v for k, v in worker_env().items() if k not in job}})
         else:
             # Logical CPUs above the physical count let generation actors,
             # the PM service and learners coexist on a small machine.

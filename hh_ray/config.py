@@ -71,6 +71,7 @@ class GenerationConfig:
     kv_cache_gib: float = doc(1.0, "vLLM KV cache size per actor in GiB (CPU).")
     tensor_parallel_size: int = doc(1, "vLLM tensor parallelism (GPU).")
     weight_sync: str = doc("object_store", "'object_store' (one ObjectRef, CPU) or 'nccl' (GPU).")
+    resources: str = doc("", "Custom Ray resources each generation actor needs, e.g. 'hh_generator=1' to place them on the generator nodes of cluster.yaml.")
 
 
 @dataclass
@@ -102,6 +103,7 @@ class PPOConfig:
     checkpoint_every: int = doc(5, "Checkpoint every N iterations.")
     eval_prompts: int = doc(32, "Held-out prompts scored at the start and end of the run.")
     max_actor_restarts: int = doc(3, "Times a dead generation worker or PM service is replaced (current weights reloaded, the iteration's prompts regenerated) before the run stops.")
+    learner_resources: str = doc("", "Custom Ray resources each learner worker needs, e.g. 'hh_learner=1' to place them on the learner nodes of cluster.yaml.")
     max_learner_restarts: int = doc(2, "Ray Train FailureConfig.max_failures: times the learner group restarts from the last checkpoint after a worker dies.")
 
 
@@ -206,10 +208,26 @@ RANGES = {
 }
 
 
+def parse_resources(text: str, where: str = "resources") -> dict[str, float]:
+    """'hh_learner=1,fast_disk=0.5' -> {'hh_learner': 1.0, 'fast_disk': 0.5}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, amount = item.partition("=")
+        try:
+            out[name.strip()] = float(amount)
+            if not sep or not name.strip() or out[name.strip()] < 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{where}: {item!r} is not name=amount (e.g. 'hh_learner=1')") from None
+    return out
+
+
 def check_value(dotted: str, value: Any, where: str) -> None:
     """Raise a one-line ConfigError naming the key and what it allows."""
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, CHOICES[dotted]))}")
+    if dotted.endswith("resources"):
+        parse_resources(value, where)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = RANGES.get(dotted, (0, None))
         if value != value or (low is not None and value < low) or (high is not None and value > high):

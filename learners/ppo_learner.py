@@ -27,7 +27,7 @@ import torch
 
 from hh_ray import ppo
 from hh_ray.checkpoint import begin, commit, load_optimizer, save_optimizer
-from hh_ray.config import Config
+from hh_ray.config import Config, parse_resources
 from hh_ray.rollout import RolloutBatch
 
 RESULT_TIMEOUT_S = 1800
@@ -299,7 +299,9 @@ class PPOLearnerGroup:
                                "resume_from": str(resume_from) if resume_from else None,
                                "commands": self.commands, "results": self.results},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={
+                "CPU": 1, **({"GPU": 1} if use_gpu else {}),
+                **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}),
             run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train"),
                                  failure_config=FailureConfig(max_failures=cfg.ppo.max_learner_restarts)),
         )
