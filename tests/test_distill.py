@@ -147,6 +147,15 @@ def test_cli_missing_corpus_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_cli_refuses_a_prompt_longer_than_the_model_reads(tmp_path, capsys):
+    # the whole shipped prompt is ~2,500 tiny-BPE tokens; the tiny model has 1,024 positions
+    rc = main(["distill", "--config", TINY, "--run-dir", str(tmp_path), "distill.max_prompt_tokens=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1024 positions" in err and "distill.max_prompt_tokens" in err
+    assert main(["distill", "--config", TINY, "--run-dir", str(tmp_path), "distill.teacher=sometimes"]) == 2
+    assert "'cached' or 'online'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- real runs on Ray
 
 DISTILL = ["distill.num_texts=320", "distill.num_workers=2", "distill.checkpoint_every=8", "tracking.wandb=offline"]
