@@ -4,15 +4,17 @@ The paper's RL starts from a context-distilled LM (Bai et al. 2022, §3.1): the
 student (the LM alone) learns to match the teacher (the same LM reading an
 HHH prompt first) under KL over the teacher's top-k tokens plus an
 "everything else" bucket (hh_ray.distill). SFT is the plain alternative:
-next-token loss on the chosen responses of HH comparisons, only on the
-Assistant's tokens. One loop runs both; they differ in the per-token loss.
+next-token loss on the chosen response of each HH comparison (the final
+Assistant turn and an EOS, so the policy learns to stop); the context is read
+but not trained on. One loop runs both; they differ in the per-token loss.
 
 Teacher targets are computed once, before any weight changes, by every worker
 for its share of the examples, and stored in RUN/teacher_cache (the paper
 stored them too); a resumed run reuses them. `distill.teacher=online` keeps a
 frozen teacher copy instead and recomputes targets every step.
 
-Everything else follows learners/pm_learner.py and uses its helpers: data
+Everything else follows learners/pm_learner.py and shares its helpers and
+learners/group.py (trainer, fit with metrics, checkpoint guard): data
 order is a pure function of (seed, epoch), checkpoints are safetensors + JSON
 holding the position, metrics go to the driver through a Queue. The loss is
 the mean over every trained token of the global batch, whatever the split.
