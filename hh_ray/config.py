@@ -190,6 +190,7 @@ CHOICES = {
     "ppo.critic_init": ("pm", "policy"),
     "ppo.mode": ("sync", "async"),
     "tracking.wandb": ("auto", "online", "offline", "disabled"),
+    "distill.teacher": ("cached", "online"),
 }
 # Numbers are >= 0 unless listed here as (low, high), inclusive; None = unbounded.
 RANGES = {
@@ -197,7 +198,9 @@ RANGES = {
         "model.max_seq_len", "pm.epochs", "pm.batch_size", "pm.grad_accum", "pm.checkpoint_every",
         "pm.num_workers", "generation.num_workers", "generation.cpus_per_worker", "generation.max_new_tokens",
         "generation.tensor_parallel_size", "ppo.epochs", "ppo.rollout_batch_size", "ppo.minibatch_size",
-        "ppo.micro_batch_size", "ppo.num_learners", "ppo.checkpoint_every")},
+        "ppo.micro_batch_size", "ppo.num_learners", "ppo.checkpoint_every",
+        *(f"{s}.{f}" for s in ("distill", "sft")
+          for f in ("epochs", "batch_size", "grad_accum", "num_workers", "checkpoint_every")), "distill.top_k")},
     "data.eval_fraction": (0.0, 0.99),
     "generation.top_p": (1e-6, 1.0),
     "generation.kv_cache_gib": (0.01, None),

@@ -272,9 +272,7 @@ def check_settings(cfg, stage: str, s, n_train: int, prompt_ids: list[int], init
     if steps_per_epoch(n_train, s.batch_size, per_step) == 0:
         raise DataError(f"{stage}: {n_train} training sequences make no optimizer step of {per_step}+; "
                         f"lower {stage}.batch_size or add data")
-    if stage == "distill":
-        if cfg.distill.teacher not in ("cached", "online"):
-            raise ValueError(f"distill.teacher: {cfg.distill.teacher!r} is not 'cached' or 'online'")
+    if stage == "distill":  # distill.teacher and the counts are checked as the config is read (hh_ray.config)
         positions = getattr(AutoConfig.from_pretrained(init_path), "max_position_embeddings", None)
         if positions and len(prompt_ids) + cfg.model.max_seq_len > positions:
             raise ValueError(f"the teacher reads {len(prompt_ids)} prompt + {cfg.model.max_seq_len} text tokens, more "

@@ -153,7 +153,9 @@ def test_cli_refuses_a_prompt_longer_than_the_model_reads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "1024 positions" in err and "distill.max_prompt_tokens" in err
     assert main(["distill", "--config", TINY, "--run-dir", str(tmp_path), "distill.teacher=sometimes"]) == 2
-    assert "'cached' or 'online'" in capsys.readouterr().err
+    assert "distill.teacher" in capsys.readouterr().err
+    assert main(["distill", "--config", TINY, "--run-dir", str(tmp_path), "distill.top_k=0"]) == 2
+    assert "distill.top_k" in capsys.readouterr().err and not (tmp_path / "config.yaml").exists()
 
 
 # ---------------------------------------------------------------- real runs on Ray
