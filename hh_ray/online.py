@@ -177,8 +177,13 @@ class OnlineRLHF:
         g, ids = self.cfg.generation, self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         distinct = list(dict.fromkeys(snapshots))
         with ThreadPoolExecutor(len(distinct)) as ex:  # the engines start side by side
-            pools = list(ex.map(lambda p: GenerationPool(p, g, self.cfg.model.max_seq_len, self.cfg.model.dtype,
-                                                         seed), distinct))
+            starts = [ex.submit(GenerationPool, p, g, self.cfg.model.max_seq_len, self.cfg.model.dtype, seed)
+                      for p in distinct]
+        pools = [f.result() for f in starts if f.exception() is None]
+        if len(pools) < len(starts):  # one engine failed to start: stop the other before raising
+            for p in pools:
+                p.shutdown()
+            raise next(f.exception() for f in starts if f.exception() is not None)
         try:
             out = []
             for k, snap in enumerate(snapshots):
