@@ -381,3 +381,48 @@ def test_two_online_rounds_grow_the_data_and_retrain_the_pm(ray_cluster, tiny_mo
     assert store.count_pairs() == 2 * n and (Path(rounds[1]["pm"]) / "config.json").stat().st_mtime == pm_mtime
     with pytest.raises(ValueError, match="--resume"):
         online(cfg, run)
+
+
+def test_page_round_waits_for_people_then_takes_the_page_down(ray_cluster, tiny_model, tmp_path):
+    """online.collector=page: the round deploys the page and goes on once people have given
+    its comparisons (here: plain HTTP clients), then removes the page."""
+    from ray import serve
+
+    from hh_ray.online import OnlineRLHF
+
+    port = _free_port()
+    cfg = tiny_config(**{"online.collector": "page", "online.comparisons_per_round": 2, "collect.port": port,
+                         "data.num_synthetic": 64, "generation.max_new_tokens": 8})
+    loop = OnlineRLHF(cfg, tmp_path / "run")
+    result, errors = {}, []
+
+    def collect():
+        try:
+            result.update(loop.collect(0))
+        except Exception as e:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(e)
+
+    worker = threading.Thread(target=collect)
+    worker.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while not errors and time.time() < deadline:
+            try:
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        for text, choice in (("How do I bake bread?", "a"), ("Any tips for chess?", "both_bad")):
+            pid = httpx.post(url + "/api/respond", json={"messages": [{"role": "user", "content": text}]},
+                             timeout=120).json()["pair_id"]
+            assert httpx.post(url + "/api/label", json={"pair_id": pid, "choice": choice, "labeler": "person"},
+                              timeout=60).status_code == 200
+        worker.join(timeout=120)
+        assert not errors and not worker.is_alive()
+        assert result["comparisons_collected"] == 2 and result["comparisons_trainable"] <= 1
+        assert result["comparisons_both_bad"] == 1
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 404  # the round took the page down
+    finally:
+        serve.shutdown()  # later modules start Serve on their own port
