@@ -103,6 +103,7 @@ class PPOConfig:
     checkpoint_every: int = doc(5, "Checkpoint every N iterations.")
     eval_prompts: int = doc(32, "Held-out prompts scored at the start and end of the run.")
     max_actor_restarts: int = doc(3, "Times a dead generation worker or PM service is replaced (current weights reloaded, the iteration's prompts regenerated) before the run stops.")
+    cpus_per_learner: int = doc(1, "CPUs per learner worker; Ray sets its torch threads (OMP_NUM_THREADS) from it.")
     learner_resources: str = doc("", "Custom Ray resources each learner worker needs, e.g. 'hh_learner=1' to place them on the learner nodes of cluster.yaml.")
     max_learner_restarts: int = doc(2, "Ray Train FailureConfig.max_failures: times the learner group restarts from the last checkpoint after a worker dies.")
 

@@ -86,6 +86,8 @@ def ppo_train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     commands, results = config["commands"][rank], config["results"]
     torch.manual_seed(cfg.seed)
+    if not torch.cuda.is_available():  # CPU: one thread per CPU this worker holds
+        torch.set_num_threads(cfg.ppo.cpus_per_learner)
 
     policy = load_policy(config["policy_path"], cfg.model.dtype)
     critic, critic_tok = load_scalar_head_model(config["critic_path"], cfg.model.dtype)
@@ -119,8 +121,9 @@ def ppo_train_loop(config: dict) -> None:
         return dict(zip(keys, t.tolist()))
 
     def publish_weights() -> list:
-        sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _unwrap(policy).state_dict().items()}
-        return [ray.put(sd)]
+        from actors.generation import weights_for_sync
+
+        return [ray.put(weights_for_sync(_unwrap(policy)))]
 
     # After a restart (FailureConfig) the queues may still hold commands the dead
     # group never finished: drop them, and only then say "ready", so the
@@ -300,7 +303,7 @@ class PPOLearnerGroup:
                                "commands": self.commands, "results": self.results},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={
-                "CPU": 1, **({"GPU": 1} if use_gpu else {}),
+                "CPU": cfg.ppo.cpus_per_learner, **({"GPU": 1} if use_gpu else {}),
                 **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}),
             run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train"),
                                  failure_config=FailureConfig(max_failures=cfg.ppo.max_learner_restarts)),
