@@ -58,6 +58,7 @@ class PMConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay.")
     checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
     num_workers: int = doc(1, "Ray Train learner workers (DDP).")
+    cpus_per_worker: int = doc(1, "CPUs per learner worker; Ray sets its torch threads (OMP_NUM_THREADS) from it.")
     strategy: str = doc("ddp", "'ddp' or 'fsdp'.")
 
 
@@ -197,7 +198,7 @@ CHOICES = {
 RANGES = {
     **{k: (1, None) for k in (
         "model.max_seq_len", "pm.epochs", "pm.batch_size", "pm.grad_accum", "pm.checkpoint_every",
-        "pm.num_workers", "generation.num_workers", "generation.cpus_per_worker", "generation.max_new_tokens",
+        "pm.num_workers", "pm.cpus_per_worker", "generation.num_workers", "generation.cpus_per_worker", "generation.max_new_tokens",
         "generation.tensor_parallel_size", "ppo.epochs", "ppo.rollout_batch_size", "ppo.minibatch_size",
         "ppo.micro_batch_size", "ppo.num_learners", "ppo.checkpoint_every",
         *(f"{s}.{f}" for s in ("distill", "sft")

@@ -30,7 +30,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> tuple[Path, Path | None
     return root, latest if resume else None
 
 
-def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path):
+def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path, cpus_per_worker: int = 1):
     """A TorchTrainer of num_workers workers on the running Ray cluster; checkpoints under ckpt_root."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -42,9 +42,9 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path)
     return TorchTrainer(
         train_loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        # One CPU per worker on CPU machines: Ray then gives each worker one torch thread.
+        # On CPU machines Ray gives each worker as many torch threads as CPUs (OMP_NUM_THREADS).
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": worker_env()}),

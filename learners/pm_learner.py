@@ -361,7 +361,8 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
 
     queue = Queue()
     trainer = learner_trainer(
-        train_loop_per_worker, num_workers=cfg.pm.num_workers, ckpt_root=ckpt_root, config={
+        train_loop_per_worker, num_workers=cfg.pm.num_workers, cpus_per_worker=cfg.pm.cpus_per_worker,
+        ckpt_root=ckpt_root, config={
             "stages": [ray.put(stages)], "init_path": init_path, "dtype": cfg.model.dtype,
             "gradient_checkpointing": cfg.model.gradient_checkpointing, "strategy": cfg.pm.strategy,
             "seed": cfg.seed, "epochs": cfg.pm.epochs, "batch_size": cfg.pm.batch_size,

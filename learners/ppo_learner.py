@@ -86,8 +86,6 @@ def ppo_train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     commands, results = config["commands"][rank], config["results"]
     torch.manual_seed(cfg.seed)
-    if not torch.cuda.is_available():  # CPU: one thread per CPU this worker holds
-        torch.set_num_threads(cfg.ppo.cpus_per_learner)
 
     policy = load_policy(config["policy_path"], cfg.model.dtype)
     critic, critic_tok = load_scalar_head_model(config["critic_path"], cfg.model.dtype)
