@@ -142,13 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _not_yet(stage: str):
-    def run(cfg, run_dir, args) -> int:
-        print(f"hh-ray {stage}: this stage is not available yet in this version.", file=sys.stderr)
-        return 3
-    return run
-
-
 def run_train_pm(cfg: Config, run_dir: Path, args) -> int:
     from learners.pm_learner import train_pm
 

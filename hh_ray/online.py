@@ -334,7 +334,7 @@ class OnlineRLHF:
         W&B holds one run per process, and the PM and PPO stages open their own meanwhile."""
         from hh_ray.tracking import Tracker
 
-        tracker = Tracker(self.run_dir, self.cfg, "online", resume=True)
+        tracker = Tracker(self.run_dir, self.cfg, "online")
         try:
             tracker.log(k, {key: v for key, v in metrics.items() if not isinstance(v, (dict, list))})
             for snap, elo in metrics.get("snapshot_elo", {}).items():

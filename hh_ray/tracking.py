@@ -52,7 +52,7 @@ class Tracker:
     so a run never needs the network and `wandb sync` can upload it later.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: Config, stage: str, resume: bool = False):
+    def __init__(self, run_dir: str | Path, cfg: Config, stage: str):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage

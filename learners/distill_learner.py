@@ -317,7 +317,7 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
           + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))
 
     ray = ensure_ray()
-    tracker = Tracker(run_dir, cfg, stage=stage, resume=resume)
+    tracker = Tracker(run_dir, cfg, stage=stage)
     tracker.log(0, {"train_sequences": len(train), "held_out_sequences": len(held_out), **info}, stage=f"{stage}_data")
     eval_metric = "heldout_kl" if stage == "distill" else "heldout_loss"
     queue = Queue()

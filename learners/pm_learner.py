@@ -350,7 +350,7 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
           f"{cfg.model.max_seq_len} tokens truncated from the left (end-of-context token kept)")
 
     ray = ensure_ray()
-    tracker = Tracker(run_dir, cfg, stage="pm", resume=resume)
+    tracker = Tracker(run_dir, cfg, stage="pm")
     tracker.log(0, {"train_pairs": len(stages[-1]["comparisons"]), "held_out_pairs": len(held_out),
                     "truncated_transcripts": truncated, **{f"skipped_{k}": v for k, v in counts.items()}},
                 stage="pm_data")
