@@ -106,7 +106,7 @@ def main() -> None:
         ray.kill(pm)
 
     # ---------------------------------------------------------------- weight sync
-    state = weights_for_sync(load_policy(model_path))  # tied lm_head sent once
+    state = weights_for_sync(load_policy(model_path))
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     perturbed = {k: v + 1e-3 for k, v in state.items()}
     t0 = time.perf_counter()

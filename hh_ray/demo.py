@@ -40,13 +40,9 @@ def demo(cfg: Config, run_dir: Path, resume: bool = False) -> int:
     result = train_ppo(cfg, run_dir, resume=resume)
     times["PPO"] = time.time() - t
 
-    try:
-        from hh_ray.report import write_report
+    from hh_ray.report import write_report
 
-        report = write_report(run_dir)
-        print(f"report: {report}")
-    except ImportError:
-        pass
+    print(f"report: {write_report(run_dir)}")
     total = time.time() - t0
     print("\n".join(f"   {k:<14} {v:7.1f}s" for k, v in times.items()))
     print(f"demo finished in {total / 60:.1f} min; run folder {run_dir.resolve()} "
