@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from hh_ray.config import Config, ConfigError, flat_fields, load_config, set_value

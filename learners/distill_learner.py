@@ -35,8 +35,8 @@ from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus,
                             next_token_logp, pad_rows, prompt_kv, read_prompt, save_shard, sft_example,
                             stack_targets, teacher_rows, token_nll, topk_kl, write_meta)
 from learners.group import checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer
-from learners.pm_learner import (MAX_GRAD_NORM, _all_reduce, _checkpoint, chain_digest, epoch_order, fresh_position,
-                                 read_checkpoint, step_ids, steps_per_epoch, worker_micro_batches)
+from learners.pm_learner import (MAX_GRAD_NORM, _all_reduce, _checkpoint, chain_digest, epoch_order, restore, step_ids,
+                                 steps_per_epoch, worker_micro_batches)
 
 STAGES = ("distill", "sft")
 TEACHER_CACHE = "teacher_cache"
@@ -164,12 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
 
-    pos, optim_sd = fresh_position(), None
-    ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt else contextlib.nullcontext(config["resume_from"]) as d:
-        if d:
-            model_sd, optim_sd, pos = read_checkpoint(Path(d))
-            model.load_state_dict(model_sd)
+    optim_sd, pos = restore(model, config["resume_from"])
 
     def report_eval(when: str) -> None:
         if held_out:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from hh_ray.data import DataError, load_comparisons
-from learners.group import CHECKPOINTS, checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer  # noqa: F401 (re-exported)
+from learners.group import checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer  # noqa: F401 (latest_checkpoint re-exported)
 
 MAX_GRAD_NORM = 1.0  # clipping keeps the tiny test model's high LR stable; harmless at paper LRs
 
@@ -132,6 +132,22 @@ def fresh_position() -> dict:
             "seen_digest": "", "optimizer_stage": -1, "done": False}
 
 
+def restore(model, resume_from: str | None) -> tuple[dict | None, dict]:
+    """Load the checkpoint this worker should start from into `model`: Ray's own
+    after a worker-group restart within this fit(), else the one --resume named
+    (Ray Train V2 deprecates resume_from_checkpoint). Returns (optimizer state
+    or None, data position)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt else contextlib.nullcontext(resume_from) as d:
+        if not d:
+            return None, fresh_position()
+        model_sd, optim_sd, pos = read_checkpoint(Path(d))
+        model.load_state_dict(model_sd)
+        return optim_sd, pos
+
+
 def train_step(model, opt, tok, pairs, micro_batches, max_len, global_n, world, device) -> tuple[float, float]:
     """One optimizer step over this worker's micro-batches; returns (summed loss, correct pairs)."""
     from hh_ray.models import encode_for_pm
@@ -211,14 +227,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
 
-    pos, optim_sd = fresh_position(), None
-    # Ray's own checkpoint after a worker-group restart within this fit(),
-    # else the one --resume named (Ray Train V2 deprecates resume_from_checkpoint).
-    ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt else contextlib.nullcontext(config["resume_from"]) as d:
-        if d:
-            model_sd, optim_sd, pos = read_checkpoint(Path(d))
-            model.load_state_dict(model_sd)
+    optim_sd, pos = restore(model, config["resume_from"])
     model = ray.train.torch.prepare_model(model, parallel_strategy=config["strategy"])
 
     stages = ray.get(config["stages"][0])  # wrapped in a list so Ray does not resolve it on the way
