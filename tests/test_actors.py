@@ -224,3 +224,28 @@ def test_nccl_sync_fails_clearly_on_cpu():
     kw = engine_kwargs("m", GenerationConfig(kv_cache_gib=0.5), 128)
     assert kw["kv_cache_memory_bytes"] == 2**29 and kw["enforce_eager"] and kw["dtype"] == "float32"
     assert kw["logprobs_mode"] == "processed_logprobs"
+
+
+def test_tied_output_layer_is_synced(ray_cluster, tiny_model, gen_cfg, prompts, tmp_path):
+    """A tied lm_head (SmolLM2 has one) reaches the engine: vLLM's layer-wise reload
+    keeps a stale tied output layer if only the embedding is sent."""
+    import dataclasses
+
+    from actors.generation import weights_for_sync
+
+    model = load_policy(tiny_model).eval()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    path = save_model(model, load_tokenizer(tiny_model), tmp_path / "tied")
+    pool = GenerationPool(str(path), dataclasses.replace(gen_cfg, num_workers=1), MAX_LEN)
+    try:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(3.0)  # the output layer with it
+        pool.update_weights(1, ray.put(weights_for_sync(model)))
+        texts, ids = prompts
+        batch = pool.generate(ids, texts, temperature=1.0, seed=4)
+        with torch.no_grad():
+            hf = policy_logprobs(model, batch.input_ids, batch.attention_mask)
+        assert (batch.behaviour_logprobs - hf)[batch.response_mask.bool()].abs().max() < 1e-3
+    finally:
+        pool.shutdown()
