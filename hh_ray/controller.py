@@ -8,6 +8,11 @@ Sync mode is on-policy. Async mode generates batch i+1 with version i while
 the learners train on batch i (staleness 1, the bound `ppo.max_staleness`
 must allow). All randomness is derived from (seed, iteration), so a resumed
 run draws the same prompts and samples as an uninterrupted one.
+
+Failures: a dead generation actor or PM service is replaced and the
+iteration produced again (same seeds, so the same samples); a learner group
+that Ray Train restarted is rolled back, with the generators, to the last
+checkpoint, and the iterations since are run again.
 """
 
 from __future__ import annotations
