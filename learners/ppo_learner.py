@@ -37,10 +37,6 @@ class LearnerGroupRestarted(RuntimeError):
     """A learner worker died and Ray Train restarted the group (FailureConfig):
     it holds the weights it started with until the controller restores a checkpoint."""
 
-    def __init__(self, pids: list[int]):
-        super().__init__("the PPO learner group restarted after a worker failure")
-        self.pids = pids
-
 
 class ValueModel(torch.nn.Module):
     """The critic as a module whose forward gives a value per token, so DDP's hooks see it."""
@@ -332,7 +328,7 @@ class PPOLearnerGroup:
             if msg is not None:
                 if msg["kind"] == "ready" and kind != "ready":
                     self.pids = msg["pids"]
-                    raise LearnerGroupRestarted(msg["pids"])
+                    raise LearnerGroupRestarted("the PPO learner group restarted after a worker failure")
                 if msg["kind"] != kind:
                     raise RuntimeError(f"learner group answered {msg['kind']!r}, expected {kind!r}")
                 return msg
