@@ -193,6 +193,9 @@ CHOICES = {
     "ppo.mode": ("sync", "async"),
     "tracking.wandb": ("auto", "online", "offline", "disabled"),
     "distill.teacher": ("cached", "online"),
+    "online.collector": ("labeler", "page"),
+    "online.pm_init": ("scratch", "continue"),
+    "online.policy_init": ("initial", "latest"),
 }
 # Numbers are >= 0 unless listed here as (low, high), inclusive; None = unbounded.
 RANGES = {
@@ -200,7 +203,8 @@ RANGES = {
         "model.max_seq_len", "pm.epochs", "pm.batch_size", "pm.grad_accum", "pm.checkpoint_every",
         "pm.num_workers", "pm.cpus_per_worker", "generation.num_workers", "generation.cpus_per_worker", "generation.max_new_tokens",
         "generation.tensor_parallel_size", "ppo.epochs", "ppo.rollout_batch_size", "ppo.minibatch_size",
-        "ppo.micro_batch_size", "ppo.num_learners", "ppo.checkpoint_every",
+        "ppo.micro_batch_size", "ppo.num_learners", "ppo.cpus_per_learner", "ppo.checkpoint_every",
+        "online.rounds", "online.comparisons_per_round",
         *(f"{s}.{f}" for s in ("distill", "sft")
           for f in ("epochs", "batch_size", "grad_accum", "num_workers", "checkpoint_every")), "distill.top_k")},
     "data.eval_fraction": (0.0, 0.99),

@@ -86,14 +86,8 @@ def snapshot_elo(labels: list[LabeledPair], names: list[str]) -> dict[str, float
 
 
 def check_online_config(cfg: Config) -> None:
+    """What the config loader cannot check alone (its CHOICES and RANGES cover the rest)."""
     o = cfg.online
-    if o.rounds < 1 or o.comparisons_per_round < 1:
-        raise ConfigError("online.rounds and online.comparisons_per_round must be >= 1")
-    for name, value, allowed in (("collector", o.collector, ("labeler", "page")),
-                                 ("pm_init", o.pm_init, ("scratch", "continue")),
-                                 ("policy_init", o.policy_init, ("initial", "latest"))):
-        if value not in allowed:
-            raise ConfigError(f"online.{name}: {value!r} is not one of {', '.join(allowed)}")
     if o.collector == "labeler" and not (o.labeler == "rule" or o.labeler.startswith("pm:")):
         raise ConfigError(f"online.labeler: expected 'rule' or 'pm:DIR', got {o.labeler!r}")
 
