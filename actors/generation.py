@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
+import numpy as np
 import ray
 import torch
 
@@ -58,14 +60,36 @@ def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[s
     return shapes, required
 
 
-def weights_for_sync(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def weights_for_sync(model: torch.nn.Module) -> dict[str, np.ndarray | torch.Tensor]:
     """What a learner publishes: the full state dict, detached, contiguous, on CPU.
+
+    As numpy arrays where numpy has the dtype: Ray writes those into the object
+    store with one copy and a worker reads them without one (SmolLM2's 540 MB,
+    measured: put 0.1-0.5 s and read 0.01 s, against 0.9-1.7 s and 0.7-0.9 s
+    as torch tensors). bfloat16 has no numpy dtype and stays a tensor.
 
     A tied `lm_head.weight` is sent too, although it aliases the embedding:
     vLLM's layer-wise `reload_weights` leaves a tied output layer with its old
     weights when only the embedding arrives (SmolLM2, measured: greedy
-    log-probs then differ from HF by 1.5 nats; with the alias, 1.3e-5)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    log-probs then differ from HF by 1.5 nats; with the alias, 1.3e-5). It is
+    the same array object, so pickle stores it once."""
+    out, seen = {}, {}
+    for k, v in model.state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        if t.dtype != torch.bfloat16:
+            key = (t.data_ptr(), t.shape, t.dtype)
+            t = seen.setdefault(key, t.numpy())
+        out[k] = t
+    return out
+
+
+def as_tensors(weights: dict) -> dict:
+    """Numpy arrays (zero-copy, read-only views of the object store) as tensors; anything else unchanged."""
+    if not isinstance(weights, dict):
+        return weights
+    with warnings.catch_warnings():  # read-only is fine: reload_weights copies out of them
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in weights.items()}
 
 
 def check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
@@ -198,7 +222,7 @@ class GenerationWorker:
         if not isinstance(weights_ref, (list, tuple)) or len(weights_ref) != 1:
             raise WeightUpdateError("pass the weights as [ObjectRef] (a one-element list)")
         item = weights_ref[0]
-        weights = ray.get(item) if isinstance(item, ray.ObjectRef) else item
+        weights = as_tensors(ray.get(item) if isinstance(item, ray.ObjectRef) else item)
         check_weights(weights, self.shapes, self.required)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
         # Prefix-cached KV blocks were computed by the old weights.

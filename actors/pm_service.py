@@ -31,7 +31,8 @@ class PMScorer:
     (vLLM's pooling runner; on CPU no faster unless prompts repeat, DESIGN.md §3)."""
 
     def __init__(self, pm_path: str, max_len: int = 512, dtype: str = "float32", micro_batch_size: int = 16,
-                 batch_wait_ms: float = 5.0, backend: str = "hf", num_threads: int = 1, kv_cache_gib: float = 0.5):
+                 batch_wait_ms: float = 5.0, backend: str = "hf", num_threads: int = 1, kv_cache_gib: float = 0.5,
+                 autocast: str = "none"):
         torch.set_num_threads(max(1, num_threads))  # before vLLM, which freezes it
         from hh_ray.models import load_pm_tokenizer, load_scalar_head_model
 
@@ -39,6 +40,7 @@ class PMScorer:
         self.micro_batch_size = micro_batch_size
         self.batch_wait = batch_wait_ms / 1000
         self.backend = backend
+        self.autocast = autocast  # 'bfloat16': the hf backend's matmuls in bf16 (scores move by ~1e-2)
         self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -68,7 +70,8 @@ class PMScorer:
         for s in range(0, len(texts), self.micro_batch_size):
             enc = encode_for_pm(self.tokenizer, texts[s: s + self.micro_batch_size], self.max_len)
             if self.backend == "hf":
-                with torch.no_grad():
+                device = next(self.model.parameters()).device.type
+                with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=self.autocast == "bfloat16"):
                     out += pm_scores(self.model, enc["input_ids"], enc["attention_mask"]).tolist()
             else:
                 from vllm import PoolingParams

@@ -22,24 +22,53 @@ from pathlib import Path
 import psutil
 
 
+def process_name(p: psutil.Process) -> str:
+    """Ray's process title (ray::PMScorer, ray::RayTrainWorker...) or the program's name."""
+    cmd = p.cmdline()
+    name = cmd[0] if cmd else p.name()
+    return name.split()[0].split(".")[0] if name.startswith("ray::") else Path(name).name
+
+
+def shmem_rss(pid: int) -> int:
+    """Resident shared-memory pages of a process (RssShmem: Ray's object store lives in /dev/shm)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakRSS:
-    """Peak of the summed RSS of this process and all its descendants."""
+    """Peak of the summed RSS of this process and all its descendants, and who held it then."""
 
     def __init__(self, every: float = 0.5):
         self.peak, self.every, self._stop = 0, every, threading.Event()
+        self.at_peak: dict[str, int] = {}
+        self.shmem_at_peak = 0
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            by_name: dict[str, int] = {}
+            shmem = 0
             for p in [me] + me.children(recursive=True):
                 try:
-                    total += p.memory_info().rss
-                except psutil.Error:
+                    name = process_name(p)
+                    by_name[name] = by_name.get(name, 0) + p.memory_info().rss
+                    shmem += shmem_rss(p.pid)
+                except (psutil.Error, OSError):
                     pass
-            self.peak = max(self.peak, total)
+            total = sum(by_name.values())
+            if total > self.peak:
+                self.peak, self.at_peak, self.shmem_at_peak = total, by_name, shmem
             self._stop.wait(self.every)
+
+    def breakdown(self, top: int = 16) -> str:
+        rows = sorted(self.at_peak.items(), key=lambda kv: -kv[1])
+        rest = sum(v for _, v in rows[top:])
+        return (", ".join(f"{k} {v / 2**30:.2f}" for k, v in rows[:top]) + f", other {rest / 2**30:.2f} GiB; "
+                f"of the total, shared-memory pages (object store, counted once per process that maps them) "
+                f"{self.shmem_at_peak / 2**30:.2f} GiB")
 
     def __enter__(self):
         self._t.start()
@@ -80,7 +109,7 @@ def main() -> None:
     policy = resolve_model(args.model)
     pm = untrained_pm(policy, cache_root())
     ensure_ray()
-    results = {}
+    results, breakdowns = {}, {}
     for mode in args.modes.split(","):
         cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml", {
             "model.policy": policy, "model.pm": pm, "ppo.mode": mode, "ppo.iterations": args.iterations,
@@ -100,17 +129,23 @@ def main() -> None:
             "generate s": statistics.mean(r["time_generate"] for r in steady),
             "score s": statistics.mean(r["time_score"] for r in steady),
             "learn s": statistics.mean(r["time_learn"] for r in steady),
+            "  no-grad passes s": statistics.mean(r["time_learn_forward"] for r in steady),
+            "  updates s": statistics.mean(r["time_learn_update"] for r in steady),
+            "  publish weights s": statistics.mean(r["time_learn_publish"] for r in steady),
             "sync s": statistics.mean(r["time_sync"] for r in steady),
             "tokens/iteration": statistics.mean(r["tokens_generated"] for r in steady),
             "peak RSS GiB (all processes)": mem.peak / 2**30,
             "wall s (incl. start-up)": time.time() - t0,
         }
+        breakdowns[mode] = mem.breakdown()
     print(f"\nSmolLM2-135M PPO: {args.prompts} prompts x {args.new_tokens} new tokens, 1 epoch, 1 minibatch, "
           f"{os.cpu_count()} CPUs")
     modes = list(results)
     print(f"{'':32}" + "".join(f"{m:>12}" for m in modes))
     for key in results[modes[0]]:
         print(f"{key:32}" + "".join(f"{results[m][key]:>12.2f}" for m in modes))
+    for m in modes:
+        print(f"RSS at the peak, {m}: {breakdowns[m]}")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- weight sync
     state = weights_for_sync(load_policy(model_path))
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    nbytes = sum(t.nbytes for t in state.values())
     perturbed = {k: v + 1e-3 for k, v in state.items()}
     t0 = time.perf_counter()
     ref = ray.put(perturbed)

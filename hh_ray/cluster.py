@@ -45,6 +45,9 @@ def ensure_ray(num_cpus: int | None = None):
             job = _job_env_vars()
             ray.init(runtime_env={"env_vars": {k: v for k, v in worker_env().items() if k not in job}})
         else:
+            # A one-machine cluster has no node to be preempted: Ray Train's
+            # preemption-watcher actor would only cost a process (~0.2 GB).
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # Logical CPUs above the physical count let generation actors,
             # the PM service and learners coexist on a small machine.
             ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,

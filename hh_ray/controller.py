@@ -153,7 +153,6 @@ class RLHFController:
 
     def _start_actors(self, ckpt: Path | None) -> None:
         from actors.generation import GenerationPool
-        from actors.pm_service import start_pm_scorer
         from actors.rollout_queue import RolloutQueue
         from hh_ray.cluster import ensure_ray
         from learners.ppo_learner import PPOLearnerGroup
@@ -162,7 +161,7 @@ class RLHFController:
         ensure_ray()
         t0 = time.time()
         self.pool = GenerationPool(self.policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed)
-        self.scorer = start_pm_scorer(self.pm_path, cfg.model.max_seq_len, cfg.model.dtype)
+        self.scorer = self._start_scorer()
         critic = self.pm_path if cfg.ppo.critic_init == "pm" else self.policy_path
         self.learners = PPOLearnerGroup(cfg, str(ckpt / "policy") if ckpt else self.policy_path,
                                         str(ckpt / "critic") if ckpt else critic, self.policy_path,
@@ -176,6 +175,12 @@ class RLHFController:
         print(f"actors ready in {time.time() - t0:.1f}s: {cfg.generation.num_workers} generation worker(s), "
               f"PM service, {cfg.ppo.num_learners} learner(s)", flush=True)
 
+    def _start_scorer(self):
+        from actors.pm_service import start_pm_scorer
+
+        return start_pm_scorer(self.pm_path, self.cfg.model.max_seq_len, self.cfg.model.dtype,
+                               num_cpus=self.cfg.ppo.pm_service_cpus, autocast=self.cfg.ppo.autocast)
+
     # ---- fault tolerance: dead actors are replaced, the learner group rolls back
 
     def _phase(self, name: str, iteration: int) -> None:
@@ -186,15 +191,13 @@ class RLHFController:
         """Replace dead generation workers and a dead PM service; returns how many of each."""
         import ray
 
-        from actors.pm_service import start_pm_scorer
-
         with self._lock:
             gen = self.pool.revive(*self.weights)
         pm = 0
         try:
             ray.get(self.scorer.score.remote([], []), timeout=300)
         except ray.exceptions.RayActorError:
-            self.scorer = start_pm_scorer(self.pm_path, self.cfg.model.max_seq_len, self.cfg.model.dtype)
+            self.scorer = self._start_scorer()
             pm = 1
         if not gen and not pm:
             raise error  # nothing died: the error is not ours to absorb

@@ -16,6 +16,7 @@ worker's shard, unless the batch already carries them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue as queue_mod
@@ -69,6 +70,14 @@ def _unwrap(m):
     return getattr(m, "module", m)
 
 
+def _autocast(kind: str, device_type: str):
+    """bfloat16 autocast for the policy and critic passes: matmuls in bf16, weights,
+    gradients and optimizer states in fp32 (log-softmax is done in fp32 by ppo.token_logprobs)."""
+    if kind == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
 def ppo_train_loop(config: dict) -> None:
     import ray
     import ray.train
@@ -78,6 +87,7 @@ def ppo_train_loop(config: dict) -> None:
     from hh_ray.models import load_policy, load_scalar_head_model, save_model
 
     cfg = _config_from_dict(config["cfg"])
+    mixed = lambda: _autocast(cfg.ppo.autocast, ray.train.torch.get_device().type)  # noqa: E731
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     commands, results = config["commands"][rank], config["results"]
@@ -172,7 +182,13 @@ def ppo_train_loop(config: dict) -> None:
         iteration = cmd["iteration"]
         batch: RolloutBatch = ray.get(cmd["batch"][0])
         shard = batch.select(list(range(rank, len(batch), world)))
-        mb_size = cfg.ppo.micro_batch_size
+        p = cfg.ppo
+        mb_size, per_worker_mb = p.micro_batch_size, max(1, p.minibatch_size // world)
+        token_mean = p.loss_agg == "token_mean"
+        # One epoch over one minibatch (the paper's main setting): the critic's first
+        # training forward sees the weights a separate no-grad pass would, so the
+        # critic is trained first and its values feed GAE. One forward pass saved.
+        one_pass = p.fuse_value_pass and p.epochs == 1 and per_worker_mb >= len(shard)
         old_logp, mask = shard.behaviour_logprobs, shard.response_mask
         ref_logp = torch.zeros_like(old_logp)
         old_values = torch.zeros_like(old_logp)
@@ -182,14 +198,71 @@ def ppo_train_loop(config: dict) -> None:
                 ids, attn = mb.input_ids[:, :w], mb.attention_mask[:, :w]
                 if shard.ref_logprobs is not None:
                     ref_logp[rows] = shard.ref_logprobs[rows]
-                else:
+                else:  # in model.dtype, not autocast: the KL is read from these
                     ref_logp[rows, :w] = ppo.policy_logprobs(reference, ids, attn, cfg.generation.temperature)
-                old_values[rows, :w] = ppo.shift_right(_unwrap(value_model)(ids, attn))
+                if not one_pass:
+                    with mixed():
+                        old_values[rows, :w] = ppo.shift_right(_unwrap(value_model)(ids, attn)).float()
         old_values = old_values * mask
-        kl = ppo.kl_penalty(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
-        reward = ppo.rewards(shard.pm_score, kl, mask, cfg.ppo.kl_coef)
-        adv, returns = ppo.gae(reward, old_values, mask, cfg.ppo.gamma, cfg.ppo.gae_lambda)
-        if cfg.ppo.whiten_advantages:
+        kl = ppo.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
+        reward = ppo.rewards(shard.pm_score, kl, mask, p.kl_coef)
+        adv, returns = ppo.gae(reward, old_values, mask, p.gamma, p.gae_lambda)
+        t_forward = time.time() - t0
+
+        factor = ppo.lr_factor(iteration, p.iterations, p.lr_schedule, p.warmup_iterations)
+        for g in policy_opt.param_groups:
+            g["lr"] = p.lr * factor
+        for g in critic_opt.param_groups:
+            g["lr"] = p.critic_lr * factor
+
+        def step(model, opt, idx: list[int], loss_of) -> dict:
+            """One optimizer step of `model` on rows `idx`, micro-batched;
+            loss_of(rows, ids, attn, mask) -> (loss, stats). Returns the stats, minibatch-weighted."""
+            units = mask[idx].sum() if token_mean else torch.tensor(float(len(idx)))
+            micro = list(_micro_batches(shard.select(idx), mb_size))
+            totals: dict[str, float] = {}
+            for j, (s, mb, w) in enumerate(micro):
+                rows = idx[s: s + len(mb)]
+                m = mask[rows, :w]
+                # each micro-batch's share of the minibatch loss, so the sum is the minibatch mean
+                weight = (m.sum() if token_mean else torch.tensor(float(len(rows)))) / units
+                with _no_sync(model, j == len(micro) - 1 or world == 1), mixed():
+                    loss, stats = loss_of(rows, mb.input_ids[:, :w], mb.attention_mask[:, :w], m)
+                    (loss * weight).backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * float(weight)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # free this model's gradients before the other's backward
+            return totals
+
+        def critic_loss(rows, ids, attn, m):
+            w = ids.shape[1]
+            values = ppo.shift_right(value_model(ids, attn)).float()
+            if one_pass:  # these are the old values: GAE for these rows now
+                old_values[rows, :w] = values.detach() * m
+                adv[rows, :w], returns[rows, :w] = ppo.gae(reward[rows, :w], old_values[rows, :w], m,
+                                                           p.gamma, p.gae_lambda)
+            vl = ppo.value_loss(values, old_values[rows, :w], returns[rows, :w], m, p.value_clip_eps, p.loss_agg)
+            return p.value_coef * vl, {"value_loss": vl}
+
+        def policy_loss(rows, ids, attn, m):
+            w = ids.shape[1]
+            logp, ent = ppo.policy_logprobs(policy, ids, attn, cfg.generation.temperature, with_entropy=True,
+                                            entropy_grad=p.entropy_coef != 0)
+            pl, st = ppo.ppo_loss(logp, old_logp[rows, :w], adv[rows, :w], m, p.clip_eps, p.loss_agg)
+            entropy = ppo.masked_mean(ent, m, p.loss_agg)
+            return pl - p.entropy_coef * entropy, {"policy_loss": pl, "entropy": entropy, **st}
+
+        stats: dict[str, float] = {}
+
+        def add(st: dict) -> None:
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v
+
+        if one_pass:
+            add(step(value_model, critic_opt, list(range(len(shard))), critic_loss))
+        if p.whiten_advantages:
             # statistics over the whole batch, not one worker's shard
             m = mask.float()
             s = torch.tensor([(adv * m).sum(), (adv * adv * m).sum(), m.sum()], dtype=torch.float64)
@@ -199,60 +272,29 @@ def ppo_train_loop(config: dict) -> None:
             std = (s[1] / s[2] - mean ** 2).clamp(min=1e-12).sqrt()
             adv = ((adv - mean) / (std + 1e-8)).float() * m
 
-        factor = ppo.lr_factor(iteration, cfg.ppo.iterations, cfg.ppo.lr_schedule, cfg.ppo.warmup_iterations)
-        for g in policy_opt.param_groups:
-            g["lr"] = cfg.ppo.lr * factor
-        for g in critic_opt.param_groups:
-            g["lr"] = cfg.ppo.critic_lr * factor
-
-        stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
         n_updates = 0
-        per_worker_mb = max(1, cfg.ppo.minibatch_size // world)
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + iteration)
-        for epoch in range(cfg.ppo.epochs):
+        for epoch in range(p.epochs):
             order = torch.randperm(len(shard), generator=gen).tolist()
             for start in range(0, len(order), per_worker_mb):
                 idx = order[start: start + per_worker_mb]
-                minibatch = shard.select(idx)
-                units = mask[idx].sum() if cfg.ppo.loss_agg == "token_mean" else torch.tensor(float(len(idx)))
-                policy_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
-                micro = list(_micro_batches(minibatch, mb_size))
-                for j, (s, mb, w) in enumerate(micro):
-                    rows = [idx[k] for k in range(s, s + len(mb))]
-                    ids, attn, m = mb.input_ids[:, :w], mb.attention_mask[:, :w], mask[rows, :w]
-                    # each micro-batch's share of the minibatch loss, so the sum is the minibatch mean
-                    weight = (m.sum() if cfg.ppo.loss_agg == "token_mean" else torch.tensor(float(len(rows)))) / units
-                    sync = j == len(micro) - 1 or world == 1
-                    with (_no_sync(policy, sync), _no_sync(value_model, sync)):
-                        logp, ent = ppo.policy_logprobs(policy, ids, attn, cfg.generation.temperature, with_entropy=True)
-                        pl, st = ppo.ppo_loss(logp, old_logp[rows, :w], adv[rows, :w], m, cfg.ppo.clip_eps, cfg.ppo.loss_agg)
-                        values = ppo.shift_right(value_model(ids, attn))
-                        vl = ppo.value_loss(values, old_values[rows, :w], returns[rows, :w], m,
-                                            cfg.ppo.value_clip_eps, cfg.ppo.loss_agg)
-                        entropy = ppo.masked_mean(ent, m, cfg.ppo.loss_agg)
-                        loss = pl + cfg.ppo.value_coef * vl - cfg.ppo.entropy_coef * entropy
-                        (loss * weight).backward()
-                    w_ = float(weight)
-                    stats["policy_loss"] += pl.item() * w_
-                    stats["value_loss"] += vl.item() * w_
-                    stats["clip_frac"] += float(st["clip_frac"]) * w_
-                    stats["approx_kl"] += float(st["approx_kl"]) * w_
-                    stats["entropy"] += entropy.item() * w_
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.ppo.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.ppo.max_grad_norm)
-                policy_opt.step()
-                critic_opt.step()
+                add(step(policy, policy_opt, idx, policy_loss))
+                if not one_pass:
+                    add(step(value_model, critic_opt, idx, critic_loss))
                 n_updates += 1
 
         kl_seq = kl.sum(1)
-        total = shard.pm_score - cfg.ppo.kl_coef * kl_seq
+        total = shard.pm_score - p.kl_coef * kl_seq
         metrics = all_mean({**{k: v / max(1, n_updates) for k, v in stats.items()},
                             "kl": float(kl_seq.mean()), "reward_total": float(total.mean()),
                             "staleness": float((iteration - shard.policy_version).float().mean()),
-                            "learn_time_worker": time.time() - t0})
+                            "time_learn_forward": t_forward,
+                            "time_learn_update": time.time() - t0 - t_forward})
         if rank == 0:
-            results.put({"kind": "trained", "iteration": iteration, "metrics": metrics, "weights": publish_weights()})
+            t1 = time.time()
+            weights = publish_weights()
+            results.put({"kind": "trained", "iteration": iteration, "weights": weights,
+                         "metrics": {**metrics, "time_learn_publish": time.time() - t1}})
 
 
 class _no_sync:

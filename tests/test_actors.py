@@ -226,6 +226,25 @@ def test_nccl_sync_fails_clearly_on_cpu():
     assert kw["logprobs_mode"] == "processed_logprobs"
 
 
+def test_weights_for_sync_are_zero_copy_arrays(ray_cluster, tiny_model):
+    """Published weights are numpy arrays (one memcpy into the object store, none out of it),
+    a tied alias is one array (stored once), and they come back as the same tensors."""
+    import numpy as np
+
+    from actors.generation import as_tensors, weights_for_sync
+
+    model = load_policy(tiny_model)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    w = weights_for_sync(model)
+    assert all(isinstance(v, np.ndarray) for v in w.values())
+    assert w["lm_head.weight"] is w["model.embed_tokens.weight"]
+    back = as_tensors(ray.get(ray.put(w)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+    bf16 = weights_for_sync(model.to(torch.bfloat16))  # no numpy bfloat16: stays a tensor
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 for v in bf16.values())
+
+
 def test_tied_output_layer_is_synced(ray_cluster, tiny_model, gen_cfg, prompts, tmp_path):
     """A tied lm_head (SmolLM2 has one) reaches the engine: vLLM's layer-wise reload
     keeps a stale tied output layer if only the embedding is sent."""

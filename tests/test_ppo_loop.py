@@ -47,6 +47,21 @@ def test_reward_rises_with_two_generators_and_two_learners(full_run):
     AutoModelForCausalLM.from_pretrained(run_dir / "policy")
 
 
+def test_fused_value_pass_gives_the_same_update(tiny_pm, tmp_path):
+    """One epoch over one minibatch: the critic's old values taken from its training
+    forward (ppo.fuse_value_pass) give the same iterations as a separate no-grad pass;
+    under bfloat16 autocast, so that path runs too."""
+    base = {"model.pm": tiny_pm, "ppo.iterations": 2, "ppo.epochs": 1, "ppo.rollout_batch_size": 16,
+            "ppo.minibatch_size": 16, "ppo.autocast": "bfloat16", "ppo.checkpoint_every": 10}
+    rows = {}
+    for fused in (True, False):
+        train_ppo(tiny_config(**base, **{"ppo.fuse_value_pass": fused}), tmp_path / str(fused))
+        rows[fused] = read_metrics(tmp_path / str(fused), "ppo")
+    for a, b in zip(rows[True], rows[False]):
+        for key in ("value_loss", "policy_loss", "reward_pm", "kl", "approx_kl"):
+            assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
 def test_resume_gives_the_same_metrics(full_run, tiny_pm, tmp_path):
     """Stop after 2 iterations, resume to 4: iterations 3-4 match the uninterrupted run.
     (The LR schedule is constant, so a shorter run is the same run cut short.)"""
