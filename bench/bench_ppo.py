@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -79,6 +80,11 @@ class PeakRSS:
         self._t.join()
 
 
+# The demo's learner settings before bf16 autocast and the fused value pass, for a side-by-side column.
+FP32 = {"ppo.mode": "sync", "ppo.autocast": "none", "ppo.fuse_value_pass": False, "ppo.micro_batch_size": 4,
+        "ppo.pm_service_cpus": 1, "model.gradient_checkpointing": True}
+
+
 def untrained_pm(policy: str, cache: Path) -> str:
     """A PM folder on the policy's backbone (fresh head): timing does not depend on its quality."""
     from hh_ray.models import is_scalar_head_model, load_scalar_head_model, save_model
@@ -96,7 +102,10 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--modes", default="sync,async")
+    ap.add_argument("--modes", default="sync,async",
+                    help="comma-separated: sync, async, and 'fp32' (sync with the learner settings of "
+                         "before: no autocast, no fused value pass, micro-batches of 4 with gradient "
+                         "checkpointing, 1-CPU PM service)")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -112,7 +121,8 @@ def main() -> None:
     results, breakdowns = {}, {}
     for mode in args.modes.split(","):
         cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml", {
-            "model.policy": policy, "model.pm": pm, "ppo.mode": mode, "ppo.iterations": args.iterations,
+            **(FP32 if mode == "fp32" else {"ppo.mode": mode}),
+            "model.policy": policy, "model.pm": pm, "ppo.iterations": args.iterations,
             "ppo.rollout_batch_size": args.prompts, "ppo.minibatch_size": args.prompts, "ppo.epochs": 1,
             "generation.max_new_tokens": args.new_tokens, "ppo.checkpoint_every": 10**6,
             "ppo.eval_prompts": 0, "tracking.wandb": "disabled"})
@@ -138,6 +148,7 @@ def main() -> None:
             "wall s (incl. start-up)": time.time() - t0,
         }
         breakdowns[mode] = mem.breakdown()
+        shutil.rmtree(run_dir)  # its final checkpoint alone is ~4 GB
     print(f"\nSmolLM2-135M PPO: {args.prompts} prompts x {args.new_tokens} new tokens, 1 epoch, 1 minibatch, "
           f"{os.cpu_count()} CPUs")
     modes = list(results)

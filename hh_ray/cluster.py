@@ -48,6 +48,10 @@ def ensure_ray(num_cpus: int | None = None):
             # A one-machine cluster has no node to be preempted: Ray Train's
             # preemption-watcher actor would only cost a process (~0.2 GB).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # Nor idle worker processes started ahead of need (~80 MB each): every
+            # process here is a long-lived actor.
+            os.environ.setdefault("RAY_enable_worker_prestart", "0")
+            os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
             # Logical CPUs above the physical count let generation actors,
             # the PM service and learners coexist on a small machine.
             ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,

@@ -213,6 +213,15 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return head(hidden).squeeze(-1)
 
 
+def response_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+    """[N, V] logits that predict the tokens at `positions` ([B, T] bool, column 0
+    never set; ppo.response_logprobs reads them): the decoder runs on every token,
+    the output layer only where a token is predicted for the loss."""
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return lm.get_output_embeddings()(hidden[:, :-1][positions[:, 1:].bool()])
+
+
 def encode_for_pm(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
     """Tokenise transcripts, append the end-of-context token, truncate from the left
     (keeping the end of the conversation and the token), right-pad with the PM pad."""

@@ -62,6 +62,32 @@ def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logp, F.pad(entropy_from_logits(logits if entropy_grad else logits.detach()), (1, 0))
 
 
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                      temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True):
+    """Like `policy_logprobs`, from the logits of the tokens at `positions` only.
+
+    `logits` is [N, V]: one row per set entry of `positions` ([B, T], row-major
+    order, column 0 never set), the logits that predict that token. The
+    output layer and the softmax over the vocabulary then skip prompt and
+    padding positions. Results are placed back in [B, T] alignment, 0 elsewhere.
+    """
+    sel = positions.bool()
+    labels = input_ids[sel]
+    if temperature != 1.0:
+        logits = logits / temperature
+
+    def place(x):
+        return torch.zeros(sel.shape, dtype=x.dtype).masked_scatter(sel, x)
+
+    # logits.sum(-1) on no rows keeps the graph, so a backward through an empty micro-batch works
+    logp = token_logprobs(logits[None], labels[None])[0] if len(labels) else logits.sum(-1)
+    if not with_entropy:
+        return place(logp)
+    ent = entropy_from_logits((logits if entropy_grad else logits.detach())[None])[0] if len(labels) \
+        else logits.detach().sum(-1)
+    return place(logp), place(ent)
+
+
 # ---------------------------------------------------------------- reward
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

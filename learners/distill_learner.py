@@ -34,7 +34,7 @@ import torch
 from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, loss_mask, loss_tokens,
                             next_token_logp, pad_rows, prompt_kv, read_prompt, save_shard, sft_example,
                             stack_targets, teacher_rows, token_nll, topk_kl, write_meta)
-from learners.group import checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer
+from learners.group import adamw, checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer
 from learners.pm_learner import (MAX_GRAD_NORM, _all_reduce, _checkpoint, chain_digest, epoch_order, restore, step_ids,
                                  steps_per_epoch, worker_micro_batches)
 
@@ -176,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
     if pos["global_step"] == 0:
         report_eval("before")
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    opt = adamw(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     if optim_sd is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 

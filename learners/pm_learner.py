@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from hh_ray.data import DataError, load_comparisons
-from learners.group import checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer  # noqa: F401 (latest_checkpoint re-exported)
+from learners.group import adamw, checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer  # noqa: F401 (latest_checkpoint re-exported)
 
 MAX_GRAD_NORM = 1.0  # clipping keeps the tiny test model's high LR stable; harmless at paper LRs
 
@@ -236,7 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
     for si in range(pos["stage"], len(stages)):
         stage = stages[si]
         pairs = stage["comparisons"]
-        opt = torch.optim.AdamW(model.parameters(), lr=stage["lr"], weight_decay=config["weight_decay"])
+        opt = adamw(model.parameters(), lr=stage["lr"], weight_decay=config["weight_decay"])
         if optim_sd is not None and pos["optimizer_stage"] == si:
             set_optimizer_state_dict(model, opt, optim_sd, options=_state_dict_options())
         pos["optimizer_stage"] = si

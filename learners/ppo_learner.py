@@ -30,6 +30,7 @@ from hh_ray import ppo
 from hh_ray.checkpoint import begin, commit, load_optimizer, save_optimizer
 from hh_ray.config import Config, parse_resources
 from hh_ray.rollout import RolloutBatch
+from learners.group import adamw
 
 RESULT_TIMEOUT_S = 1800
 
@@ -50,6 +51,35 @@ class ValueModel(torch.nn.Module):
         from hh_ray.models import token_values
 
         return token_values(self.critic, input_ids, attention_mask)
+
+
+class PolicyModel(torch.nn.Module):
+    """The policy as a module whose forward gives the logits at response positions
+    only (models.response_logits: the 49k-wide output layer skips the prompt and
+    padding, ~40% of a transcript in the demo), so DDP's hooks see it. Models whose
+    logits are more than output_layer(last hidden state) (soft-capping, scaling)
+    are detected on a probe input and get the full logits, then the rows."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.split = self._split_is_exact()
+
+    @torch.no_grad()
+    def _split_is_exact(self) -> bool:
+        from hh_ray.models import response_logits
+
+        ids = torch.arange(8)[None] % self.lm.config.vocab_size
+        attn, positions = torch.ones_like(ids), torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)
+        full = self.lm(input_ids=ids, attention_mask=attn).logits[0, :-1]
+        return torch.allclose(response_logits(self.lm, ids, attn, positions), full, atol=1e-4, rtol=1e-4)
+
+    def forward(self, input_ids, attention_mask, positions):
+        from hh_ray.models import response_logits
+
+        if self.split:
+            return response_logits(self.lm, input_ids, attention_mask, positions)
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][positions[:, 1:].bool()]
 
 
 def _config_from_dict(d: dict) -> Config:
@@ -103,9 +133,10 @@ def ppo_train_loop(config: dict) -> None:
         for m in (policy, critic):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
-    value_model = ValueModel(critic)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.ppo.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.ppo.critic_lr, weight_decay=0.0)
+    reference = PolicyModel(reference)
+    policy, value_model = PolicyModel(policy), ValueModel(critic)
+    policy_opt = adamw(policy.parameters(), lr=cfg.ppo.lr)
+    critic_opt = adamw(value_model.parameters(), lr=cfg.ppo.critic_lr)
     if config.get("resume_from"):
         load_optimizer(policy_opt, Path(config["resume_from"]), "policy_optimizer")
         load_optimizer(critic_opt, Path(config["resume_from"]), "critic_optimizer")
@@ -127,7 +158,7 @@ def ppo_train_loop(config: dict) -> None:
     def publish_weights() -> list:
         from actors.generation import weights_for_sync
 
-        return [ray.put(weights_for_sync(_unwrap(policy)))]
+        return [ray.put(weights_for_sync(_unwrap(policy).lm))]
 
     # After a restart (FailureConfig) the queues may still hold commands the dead
     # group never finished: drop them, and only then say "ready", so the
@@ -150,13 +181,13 @@ def ppo_train_loop(config: dict) -> None:
             break
         if kind == "save":  # the run's final policy/ and critic/ HF folders
             if rank == 0:
-                save_model(_unwrap(policy), policy_tok, Path(cmd["path"]) / "policy")
+                save_model(_unwrap(policy).lm, policy_tok, Path(cmd["path"]) / "policy")
                 save_model(_unwrap(value_model).critic, critic_tok, Path(cmd["path"]) / "critic")
                 results.put({"kind": kind, "path": cmd["path"]})
             continue
         if kind == "restore":  # the controller rolls the restarted group back to a checkpoint
             ckpt = Path(cmd["path"])
-            _unwrap(policy).load_state_dict(load_policy(str(ckpt / "policy"), cfg.model.dtype).state_dict())
+            _unwrap(policy).lm.load_state_dict(load_policy(str(ckpt / "policy"), cfg.model.dtype).state_dict())
             _unwrap(value_model).critic.load_state_dict(
                 load_scalar_head_model(str(ckpt / "critic"), cfg.model.dtype)[0].state_dict())
             load_optimizer(policy_opt, ckpt, "policy_optimizer")
@@ -168,7 +199,7 @@ def ppo_train_loop(config: dict) -> None:
             if rank == 0:
                 final = Path(cmd["path"])
                 tmp = begin(final)
-                save_model(_unwrap(policy), policy_tok, tmp / "policy")
+                save_model(_unwrap(policy).lm, policy_tok, tmp / "policy")
                 save_model(_unwrap(value_model).critic, critic_tok, tmp / "critic")
                 save_optimizer(policy_opt, tmp, "policy_optimizer")
                 save_optimizer(critic_opt, tmp, "critic_optimizer")
@@ -199,7 +230,9 @@ def ppo_train_loop(config: dict) -> None:
                 if shard.ref_logprobs is not None:
                     ref_logp[rows] = shard.ref_logprobs[rows]
                 else:  # in model.dtype, not autocast: the KL is read from these
-                    ref_logp[rows, :w] = ppo.policy_logprobs(reference, ids, attn, cfg.generation.temperature)
+                    pos = mask[rows, :w]
+                    ref_logp[rows, :w] = ppo.response_logprobs(reference(ids, attn, pos), ids, pos,
+                                                               cfg.generation.temperature)
                 if not one_pass:
                     with mixed():
                         old_values[rows, :w] = ppo.shift_right(_unwrap(value_model)(ids, attn)).float()
@@ -248,8 +281,8 @@ def ppo_train_loop(config: dict) -> None:
 
         def policy_loss(rows, ids, attn, m):
             w = ids.shape[1]
-            logp, ent = ppo.policy_logprobs(policy, ids, attn, cfg.generation.temperature, with_entropy=True,
-                                            entropy_grad=p.entropy_coef != 0)
+            logp, ent = ppo.response_logprobs(policy(ids, attn, m), ids, m, cfg.generation.temperature,
+                                              with_entropy=True, entropy_grad=p.entropy_coef != 0)
             pl, st = ppo.ppo_loss(logp, old_logp[rows, :w], adv[rows, :w], m, p.clip_eps, p.loss_agg)
             entropy = ppo.masked_mean(ent, m, p.loss_agg)
             return pl - p.entropy_coef * entropy, {"policy_loss": pl, "entropy": entropy, **st}

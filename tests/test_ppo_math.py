@@ -121,3 +121,53 @@ def test_policy_logprobs_alignment():
     logits = m(ids[:, :3]).logits[0, -1] / 2.0
     assert lp[0, 0] == 0
     assert lp[0, 3].item() == pytest.approx(torch.log_softmax(logits, -1)[9].item(), abs=1e-5)
+
+
+def test_response_logits_match_the_full_forward(tiny_model):
+    """Log-probs, entropies and gradients from the output layer run at response
+    positions only equal those of the full forward; a model whose logits are more
+    than output_layer(hidden) is caught by the learner's probe and gets the full path."""
+    from hh_ray.models import load_policy
+    from learners.ppo_learner import PolicyModel
+
+    torch.manual_seed(0)
+    lm = load_policy(tiny_model)
+    ids = torch.randint(0, lm.config.vocab_size, (3, 12))
+    attn = torch.ones_like(ids)
+    attn[2, 9:] = 0  # right padding
+    mask = torch.zeros_like(ids)
+    mask[0, 4:12], mask[1, 7:10], mask[2, 5:9] = 1, 1, 1
+    model = PolicyModel(lm)
+    assert model.split
+    full_logp, full_ent = ppo.policy_logprobs(lm, ids, attn, 0.7, with_entropy=True)
+    (full_logp * mask).sum().backward()
+    want = lm.lm_head.weight.grad.clone()
+    lm.zero_grad()
+    logp, ent = ppo.response_logprobs(model(ids, attn, mask), ids, mask, 0.7, with_entropy=True)
+    (logp * mask).sum().backward()
+    assert torch.allclose(logp, full_logp * mask, atol=1e-5)
+    assert torch.allclose(ent, full_ent * mask, atol=1e-4)
+    assert torch.allclose(lm.lm_head.weight.grad, want, atol=1e-5)
+    assert (logp[mask == 0] == 0).all()
+
+    class Scaled(torch.nn.Module):  # logits scaled after the output layer, as some families do
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits = out.logits * 0.5
+            return out
+
+        def get_decoder(self):
+            return self.inner.get_decoder()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    scaled = PolicyModel(Scaled(lm))
+    assert not scaled.split
+    with torch.no_grad():
+        got = ppo.response_logprobs(scaled(ids, attn, mask), ids, mask)
+        assert torch.allclose(got, ppo.policy_logprobs(Scaled(lm), ids, attn) * mask, atol=1e-5)
