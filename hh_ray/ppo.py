@@ -46,12 +46,10 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
 
 
 def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True):
+                    temperature: float = 1.0, with_entropy: bool = False):
     """Log-prob of every token under a causal LM, aligned to the token ([B, T]; column 0 is 0).
 
     `temperature` divides the logits, matching the distribution vLLM sampled from.
-    `entropy_grad=False` gives the entropy as a metric only: no graph through a
-    second softmax over the vocabulary.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     if temperature != 1.0:
@@ -59,7 +57,7 @@ def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     logp = F.pad(token_logprobs(logits, input_ids[:, 1:]), (1, 0))
     if not with_entropy:
         return logp
-    return logp, F.pad(entropy_from_logits(logits if entropy_grad else logits.detach()), (1, 0))
+    return logp, F.pad(entropy_from_logits(logits), (1, 0))
 
 
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -70,6 +68,8 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: 
     order, column 0 never set), the logits that predict that token. The
     output layer and the softmax over the vocabulary then skip prompt and
     padding positions. Results are placed back in [B, T] alignment, 0 elsewhere.
+    `entropy_grad=False` gives the entropy as a metric only: no graph through a
+    second softmax over the vocabulary.
     """
     sel = positions.bool()
     labels = input_ids[sel]

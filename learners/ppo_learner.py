@@ -11,7 +11,10 @@ Old log-probs are vLLM's behaviour log-probs: in sync mode they are the
 current policy's (to ~1e-5), in async mode they are the policy that really
 sampled, which is what the PPO ratio should be taken against. This saves a
 forward pass. The reference policy's log-probs are computed here, on each
-worker's shard, unless the batch already carries them.
+worker's shard, unless the batch already carries them, in full precision
+even under `ppo.autocast` (the KL is read from them). With one epoch over
+one minibatch the critic's training forward also gives the old values, and
+the output layer runs at response positions only (`PolicyModel`).
 """
 
 from __future__ import annotations

@@ -49,17 +49,23 @@ def test_reward_rises_with_two_generators_and_two_learners(full_run):
 
 def test_fused_value_pass_gives_the_same_update(tiny_pm, tmp_path):
     """One epoch over one minibatch: the critic's old values taken from its training
-    forward (ppo.fuse_value_pass) give the same iterations as a separate no-grad pass;
-    under bfloat16 autocast, so that path runs too."""
+    forward (ppo.fuse_value_pass) give the same iterations as a separate no-grad pass.
+    In float32, where only the micro-batch grouping differs; bfloat16 autocast then
+    stays close to float32 (it moves log-probs by ~0.03 nats per token)."""
     base = {"model.pm": tiny_pm, "ppo.iterations": 2, "ppo.epochs": 1, "ppo.rollout_batch_size": 16,
-            "ppo.minibatch_size": 16, "ppo.autocast": "bfloat16", "ppo.checkpoint_every": 10}
+            "ppo.minibatch_size": 16, "ppo.checkpoint_every": 10}
+    runs = {"fused": {"ppo.fuse_value_pass": True}, "separate": {"ppo.fuse_value_pass": False},
+            "bf16": {"ppo.fuse_value_pass": True, "ppo.autocast": "bfloat16"}}
     rows = {}
-    for fused in (True, False):
-        train_ppo(tiny_config(**base, **{"ppo.fuse_value_pass": fused}), tmp_path / str(fused))
-        rows[fused] = read_metrics(tmp_path / str(fused), "ppo")
-    for a, b in zip(rows[True], rows[False]):
-        for key in ("value_loss", "policy_loss", "reward_pm", "kl", "approx_kl"):
+    for name, extra in runs.items():
+        train_ppo(tiny_config(**base, **extra), tmp_path / name)
+        rows[name] = read_metrics(tmp_path / name, "ppo")
+    keys = ("value_loss", "policy_loss", "reward_pm", "kl", "approx_kl")
+    for a, b, c in zip(rows["fused"], rows["separate"], rows["bf16"]):
+        for key in keys:
             assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        assert c["value_loss"] == pytest.approx(a["value_loss"], rel=0.05)
+        assert c["reward_pm"] == pytest.approx(a["reward_pm"], abs=0.05)
 
 
 def test_resume_gives_the_same_metrics(full_run, tiny_pm, tmp_path):
