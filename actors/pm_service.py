@@ -34,19 +34,25 @@ class PMScorer:
                  batch_wait_ms: float = 5.0, backend: str = "hf", num_threads: int = 1, kv_cache_gib: float = 0.5,
                  autocast: str = "none"):
         torch.set_num_threads(max(1, num_threads))  # before vLLM, which freezes it
-        from hh_ray.models import load_pm_tokenizer, load_scalar_head_model
+        from hh_ray.models import load_pm_tokenizer, load_scalar_head_model, store_linear_weights_in_bf16
 
         self.max_len = max_len
         self.micro_batch_size = micro_batch_size
         self.batch_wait = batch_wait_ms / 1000
         self.backend = backend
-        self.autocast = autocast  # 'bfloat16': the hf backend's matmuls in bf16 (scores move by ~1e-2)
+        # 'bfloat16': the hf backend's matmuls in bf16. On the demo's trained PM (32 transcripts)
+        # scores moved by -0.25 +- 0.22 against fp32 (score std 3.5, correlation 0.9993), and
+        # the preferred response of 62 of 64 pairs stayed the same.
+        self.autocast = autocast
         self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         if backend == "hf":
             self.model, self.tokenizer = load_scalar_head_model(pm_path, dtype)
             self.model.eval()
+            self.device = next(self.model.parameters()).device.type
+            if autocast == "bfloat16":
+                store_linear_weights_in_bf16(self.model)  # the same scores, half the memory
         elif backend == "vllm":
             from hh_ray.config import GenerationConfig
             from hh_ray.models import is_scalar_head_model
@@ -64,14 +70,13 @@ class PMScorer:
             raise ValueError(f"PMScorer backend must be 'hf' or 'vllm', got {backend!r}")
 
     def _score_now(self, texts: list[str]) -> list[float]:
-        from hh_ray.models import encode_for_pm, pm_scores
+        from hh_ray.models import autocast, encode_for_pm, pm_scores
 
         out = []
         for s in range(0, len(texts), self.micro_batch_size):
             enc = encode_for_pm(self.tokenizer, texts[s: s + self.micro_batch_size], self.max_len)
             if self.backend == "hf":
-                device = next(self.model.parameters()).device.type
-                with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=self.autocast == "bfloat16"):
+                with torch.no_grad(), autocast(self.autocast, self.device):
                     out += pm_scores(self.model, enc["input_ids"], enc["attention_mask"]).tolist()
             else:
                 from vllm import PoolingParams

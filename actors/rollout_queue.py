@@ -13,11 +13,17 @@ resolve it on the way into the queue actor. The queue actor holds a
 reference to each batch until it is taken, so the object stays alive as long
 as its owner does (the process that called `ray.put` or submitted the task
 that made it).
+
+The same actor carries the run's other messages on named, unbounded channels
+(`RolloutQueue.channel`): the controller's commands to the learners and their
+answers. One actor instead of one per queue saves a Python process (~0.13 GB)
+for each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import time
 
 import ray
@@ -32,6 +38,22 @@ class _QueueActor:
     def __init__(self, maxsize: int):
         self.q: asyncio.Queue = asyncio.Queue(maxsize)
         self.producers: dict[str, dict] = {}  # name -> started, last_put, puts, done
+        self.channels: dict[str, asyncio.Queue] = {}  # name -> unbounded queue of messages
+
+    def _channel(self, name: str) -> asyncio.Queue:
+        return self.channels.setdefault(name, asyncio.Queue())
+
+    def send(self, channel: str, item) -> None:
+        self._channel(channel).put_nowait(item)
+
+    async def receive(self, channel: str, timeout: float | None) -> tuple[object, bool]:
+        try:
+            return await asyncio.wait_for(self._channel(channel).get(), timeout), True
+        except asyncio.TimeoutError:
+            return None, False
+
+    def pending(self, channel: str) -> int:
+        return self._channel(channel).qsize()
 
     def _producer(self, name: str) -> dict:
         now = time.time()
@@ -122,5 +144,31 @@ class RolloutQueue:
     def stats(self) -> dict:
         return ray.get(self._actor.stats.remote())
 
+    def channel(self, name: str) -> "Channel":
+        """A named message channel on this queue's actor."""
+        return Channel(self._actor, name)
+
     def shutdown(self) -> None:
         ray.kill(self._actor)
+
+
+class Channel:
+    """One unbounded message channel of the queue actor, with the part of
+    `ray.util.queue.Queue`'s interface the learners use; picklable. Messages may
+    hold ObjectRefs inside lists or dicts: Ray passes nested refs as refs."""
+
+    def __init__(self, actor, name: str):
+        self._actor, self.name = actor, name
+
+    def put(self, item) -> None:
+        ray.get(self._actor.send.remote(self.name, item))
+
+    def get(self, timeout: float | None = None):
+        """The oldest message; raises queue.Empty after `timeout` s."""
+        item, ok = ray.get(self._actor.receive.remote(self.name, timeout))
+        if not ok:
+            raise queue.Empty(f"no message on channel {self.name!r} within {timeout} s")
+        return item
+
+    def empty(self) -> bool:
+        return ray.get(self._actor.pending.remote(self.name)) == 0

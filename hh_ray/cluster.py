@@ -9,7 +9,7 @@ import os
 
 def worker_env() -> dict[str, str]:
     """Environment every actor and learner needs, passed through Ray's runtime_env."""
-    keep = ("HH_RAY_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM")
+    keep = ("HH_RAY_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "MALLOC_CONF")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # glibc malloc fragments badly under PyTorch's training churn on CPU (DESIGN.md §3:
@@ -17,6 +17,10 @@ def worker_env() -> dict[str, str]:
     jemalloc = _ray_jemalloc()
     if jemalloc and "LD_PRELOAD" not in os.environ:
         env["LD_PRELOAD"] = jemalloc
+        # Hand freed pages back after 1 s instead of 10 s, from a background thread: a learner's
+        # no-grad pass, its policy step and its critic step then do not hold each other's
+        # peaks (bench_ppo: -0.3 GiB summed RSS).
+        env.setdefault("MALLOC_CONF", "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0")
     return env
 
 

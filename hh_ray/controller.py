@@ -162,16 +162,18 @@ class RLHFController:
         t0 = time.time()
         self.pool = GenerationPool(self.policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed)
         self.scorer = self._start_scorer()
+        self.queue = RolloutQueue(maxsize=1 + cfg.ppo.max_staleness)
+        self.queue.register(PRODUCER)
         critic = self.pm_path if cfg.ppo.critic_init == "pm" else self.policy_path
         self.learners = PPOLearnerGroup(cfg, str(ckpt / "policy") if ckpt else self.policy_path,
                                         str(ckpt / "critic") if ckpt else critic, self.policy_path,
-                                        self.run_dir, resume_from=ckpt)
-        # The version the generators hold and its weights, so a revived generator can load them.
-        self.weights = (self.state["policy_version"], self.learners.initial_weights[0] if ckpt else None)
+                                        self.run_dir, self.queue, resume_from=ckpt)
+        # The version the generators hold and its weights, so a revived generator can load
+        # them (version 0: a fresh generator's own).
+        initial = self.learners.take_initial_weights()[0]
+        self.weights = (self.state["policy_version"], initial if ckpt else None)
         if ckpt:  # generators start from the initial policy; bring them to the checkpoint's version
             self.pool.update_weights(*self.weights)
-        self.queue = RolloutQueue(maxsize=1 + cfg.ppo.max_staleness)
-        self.queue.register(PRODUCER)
         print(f"actors ready in {time.time() - t0:.1f}s: {cfg.generation.num_workers} generation worker(s), "
               f"PM service, {cfg.ppo.num_learners} learner(s)", flush=True)
 
@@ -222,16 +224,16 @@ class RLHFController:
                     self.state["restarts"]["generation"] += self.pool.revive(*self.weights)
 
     def roll_back(self, error: Exception) -> None:
-        """The learner group restarted from scratch: restore the last checkpoint
-        (or the run's start) in it, in the controller and in the generators."""
+        """The learner group restarted from scratch (`error`: its LearnerGroupRestarted): restore
+        the last checkpoint (or the run's start) in it, in the controller and in the generators."""
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         restarts = self.state["restarts"]
         restarts["learner"] += 1
         if ckpt is not None:
             weights = self.learners.restore(ckpt)[0]
             self.state = {**json.loads((ckpt / "controller_state.json").read_text()), "restarts": restarts}
-        else:  # the restarted group holds the weights the run started with
-            weights = self.learners.initial_weights[0] if self.initial_state["policy_version"] else None
+        else:  # no checkpoint yet: the restarted group holds the weights the run started with
+            weights = error.weights[0]
             self.state = {**self.initial_state, "restarts": restarts}
         while self.queue.qsize():  # rollouts of the abandoned iterations
             self.queue.get(timeout=60)
@@ -253,8 +255,8 @@ class RLHFController:
                 out = self._produce(iteration)
                 return {**out, "restarts_generation": revived["generation"], "restarts_pm": revived["pm"]}
             except ray.exceptions.RayActorError as e:
-                if attempt == self.cfg.ppo.max_actor_restarts:
-                    raise
+                if attempt == self.cfg.ppo.max_actor_restarts or self.weights[1] is None and self.weights[0]:
+                    raise  # no weights to revive a generator with while the learners train: see run()
                 for k, v in self._revive_actors(e).items():
                     revived[k] += v
 
@@ -278,6 +280,19 @@ class RLHFController:
                 "reward_pm": float(batch.pm_score.mean()), "reward_pm_std": float(batch.pm_score.std()),
                 "response_length": float(batch.response_lengths.float().mean()),
                 "tokens_generated": int(batch.response_lengths.sum()), "samples": len(batch)}
+
+    def _produced(self, pending, iteration: int) -> dict:
+        """The batch produced while the learners trained (async mode), or, if an actor died
+        meanwhile, the batch produced again now, with the actors replaced and the weights
+        synced since (so at staleness 0)."""
+        import ray
+
+        try:
+            return pending.result()
+        except ray.exceptions.RayActorError as e:
+            print(f"actor failure while the learners trained ({type(e).__name__}): producing batch "
+                  f"{iteration} again with policy version {self.weights[0]}", flush=True)
+            return self.produce(iteration)
 
     def evaluate(self, step: int) -> float:
         """Mean PM reward of one sampled response per held-out prompt (same seeds every time)."""
@@ -309,31 +324,37 @@ class RLHFController:
         while self.state["iteration"] < cfg.ppo.iterations:
             i = self.state["iteration"]
             t_iter = time.time()
-            produced = pending.result() if pending else self.produce(i)
+            produced = self._produced(pending, i) if pending else self.produce(i)
             batch_ref = self.queue.get(timeout=1800)
             if cfg.ppo.mode == "async" and i + 1 < cfg.ppo.iterations:
                 pending = pool.submit(self.produce, i + 1)  # generated with version i while we learn on i
             else:
                 pending = None
+            # The generators hold version i now: let its weights go, so the object store puts
+            # version i+1 where they were instead of in new pages (0.5 GB in the learner and
+            # in every generator, which map them). A generator that dies before the sync
+            # cannot be revived with version i, so its batch is produced again after it.
+            self.weights = (self.weights[0], None)
             self._phase("learn", i)
             t0 = time.time()
             try:
                 weights, learned = self.learners.train(batch_ref, i)
             except LearnerGroupRestarted as e:
-                if pending:  # let the batch being made finish; roll_back drops it
-                    pending.result()
+                if pending:  # let the batch being made finish (or fail); roll_back drops it
+                    pending.exception()
                     pending = None
                 self.roll_back(e)
                 continue
             t1 = time.time()
             self._phase("sync", i)
             self.sync_weights(i + 1, weights[0])
+            del weights  # self.weights holds them now, for reviving a generator
             t2 = time.time()
             self.state.update(iteration=i + 1, policy_version=i + 1, prompt_position=(i + 1) * cfg.ppo.rollout_batch_size)
             row = {**produced, **learned, "sqrt_kl": math.sqrt(max(0.0, learned["kl"])), "policy_version": i + 1,
                    "time_learn": t1 - t0, "time_sync": t2 - t1, "time_iteration": time.time() - t_iter,
                    "samples_per_s": produced["samples"] / (time.time() - t_iter),
-                   "restarts_learner_total": self.state["restarts"]["learner"]}
+                   **{f"restarts_{k}_total": v for k, v in self.state["restarts"].items()}}
             self.tracker.log(i + 1, row)
             history[i + 1] = {"step": i + 1, **row}
             print(f"[ppo {i + 1}/{cfg.ppo.iterations}] PM reward {row['reward_pm']:+.4f}  KL {row['kl']:.4f}  "

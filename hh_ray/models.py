@@ -12,6 +12,7 @@ DESIGN.md §3 for the SmolLM2 pad pitfall). The critic has the PM's shape
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -241,6 +242,30 @@ def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     values = token_values(model, input_ids, attention_mask)
     last = attention_mask.sum(-1) - 1
     return values.gather(1, last[:, None]).squeeze(1)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+def autocast(kind: str, device_type: str):
+    """`ppo.autocast`: 'bfloat16' runs matmuls in bf16 (weights, gradients and optimizer
+    states stay in their own dtype); 'none' changes nothing."""
+    if kind == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def store_linear_weights_in_bf16(model) -> None:
+    """For inference under bf16 autocast: autocast casts each fp32 nn.Linear weight to bf16
+    on every call, so storing them in bf16 gives the very same outputs at half their
+    memory and without the casts. Embeddings and norms, which autocast keeps in fp32,
+    stay fp32, as does a weight tied to one of them. Every parameter is copied out of
+    the checkpoint's file mapping, so the fp32 file's pages are let go too (the demo's
+    PM service: 1.08 -> 0.79 GiB)."""
+    in_linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(False)}
+    elsewhere = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(False)}
+    with torch.no_grad():
+        for p in model.parameters():  # each tied parameter once
+            p.data = p.data.to(torch.bfloat16) if id(p) in in_linear - elsewhere else p.data.clone()
 
 
 def save_model(model, tokenizer, out: str | Path) -> Path:

@@ -79,13 +79,13 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: 
     def place(x):
         return torch.zeros(sel.shape, dtype=x.dtype).masked_scatter(sel, x)
 
-    # logits.sum(-1) on no rows keeps the graph, so a backward through an empty micro-batch works
-    logp = token_logprobs(logits[None], labels[None])[0] if len(labels) else logits.sum(-1)
+    if not len(labels):  # zeros that keep the graph, so a backward through an empty micro-batch works
+        empty = place(logits.sum(-1))
+        return (empty, empty.detach()) if with_entropy else empty
+    logp = place(token_logprobs(logits[None], labels[None])[0])
     if not with_entropy:
-        return place(logp)
-    ent = entropy_from_logits((logits if entropy_grad else logits.detach())[None])[0] if len(labels) \
-        else logits.detach().sum(-1)
-    return place(logp), place(ent)
+        return logp
+    return logp, place(entropy_from_logits((logits if entropy_grad else logits.detach())[None])[0])
 
 
 # ---------------------------------------------------------------- reward

@@ -41,16 +41,37 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> tuple[Path, Path | None
     return root, latest if resume else None
 
 
+def torch_trainer(train_loop, **kwargs):
+    """Ray Train's `TorchTrainer` less the helper actors this project never uses, each a
+    Python process of ~0.2 GB: the DatasetManager (it serves Ray Datasets, and we pass
+    none) and, on a cluster this process started, the PlacementGroupCleaner (it frees
+    the placement group of a controller that died uncleanly; here the whole cluster
+    ends with this process, and without a dashboard it only logs that it cannot reach
+    the State API, every few seconds). Ray versions without the hook keep both."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    # Ray's node handle: head=True when ray.init started the cluster in this process.
+    started_here = getattr(getattr(ray._private.worker, "_global_node", None), "head", False)
+    unused = {"DatasetsCallback"} | ({"PlacementGroupCleanerCallback"} if started_here else set())
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
+
+    return Trainer(train_loop, **kwargs)
+
+
 def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path, cpus_per_worker: int = 1):
     """A TorchTrainer of num_workers workers on the running Ray cluster; checkpoints under ckpt_root."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from hh_ray.cluster import worker_env
 
     use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
-    return TorchTrainer(
+    return torch_trainer(
         train_loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         # On CPU machines Ray gives each worker as many torch threads as CPUs (OMP_NUM_THREADS).

@@ -1,7 +1,8 @@
 """PPO learner group: a Ray Train `TorchTrainer` whose workers hold policy and critic.
 
 Each worker runs one long train loop for the whole run (models, optimizers and
-the DDP group are built once). The controller drives it through queues:
+the DDP group are built once). The controller drives it through channels of the
+run's rollout-queue actor (actors/rollout_queue.py):
   commands[rank]  <- {"cmd": "train", "batch": [ObjectRef], "iteration": i} | "checkpoint" | "save" | "stop"
   results         -> {"rank": 0, "kind": ..., ...}   (rank 0 answers for the group)
 After every update rank 0 publishes the new policy weights as one ObjectRef
@@ -19,7 +20,7 @@ the output layer runs at response positions only (`PolicyModel`).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import queue as queue_mod
@@ -33,14 +34,17 @@ from hh_ray import ppo
 from hh_ray.checkpoint import begin, commit, load_optimizer, save_optimizer
 from hh_ray.config import Config, parse_resources
 from hh_ray.rollout import RolloutBatch
-from learners.group import adamw
+from learners.group import adamw, torch_trainer
 
 RESULT_TIMEOUT_S = 1800
 
 
 class LearnerGroupRestarted(RuntimeError):
     """A learner worker died and Ray Train restarted the group (FailureConfig):
-    it holds the weights it started with until the controller restores a checkpoint."""
+    it holds the weights it started with (`.weights`, [ObjectRef]) until the
+    controller restores a checkpoint."""
+
+    weights: list | None = None
 
 
 class ValueModel(torch.nn.Module):
@@ -103,24 +107,17 @@ def _unwrap(m):
     return getattr(m, "module", m)
 
 
-def _autocast(kind: str, device_type: str):
-    """bfloat16 autocast for the policy and critic passes: matmuls in bf16, weights,
-    gradients and optimizer states in fp32 (log-softmax is done in fp32 by ppo.token_logprobs)."""
-    if kind == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16)
-
-
 def ppo_train_loop(config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
-    from hh_ray.models import load_policy, load_scalar_head_model, save_model
+    from hh_ray.models import autocast, load_policy, load_scalar_head_model, save_model
 
     cfg = _config_from_dict(config["cfg"])
-    mixed = lambda: _autocast(cfg.ppo.autocast, ray.train.torch.get_device().type)  # noqa: E731
+    # the policy and critic passes (log-softmax is done in fp32 by ppo.token_logprobs)
+    mixed = functools.partial(autocast, cfg.ppo.autocast, ray.train.torch.get_device().type)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     commands, results = config["commands"][rank], config["results"]
@@ -173,9 +170,8 @@ def ppo_train_loop(config: dict) -> None:
         dist.all_gather_object(pids, os.getpid())
     else:
         pids = [os.getpid()]
-    if rank == 0:
-        results.put({"kind": "ready", "pids": pids,
-                     "weights": publish_weights() if config.get("resume_from") else None})
+    if rank == 0:  # with the weights it holds: the run's start, or the checkpoint it resumed from
+        results.put({"kind": "ready", "pids": pids, "weights": publish_weights()})
 
     while True:
         cmd = commands.get()
@@ -328,8 +324,9 @@ def ppo_train_loop(config: dict) -> None:
                             "time_learn_update": time.time() - t0 - t_forward})
         if rank == 0:
             t1 = time.time()
-            weights = publish_weights()
-            results.put({"kind": "trained", "iteration": iteration, "weights": weights,
+            # No ref to the weights stays here: once the generators hold them, the object is
+            # freed. (A dict display is evaluated in order: the publish is timed.)
+            results.put({"kind": "trained", "iteration": iteration, "weights": publish_weights(),
                          "metrics": {**metrics, "time_learn_publish": time.time() - t1}})
 
 
@@ -352,22 +349,22 @@ class PPOLearnerGroup:
     """Driver-side handle: starts the TorchTrainer in a thread and talks to its workers."""
 
     def __init__(self, cfg: Config, policy_path: str, critic_path: str, reference_path: str,
-                 run_dir: Path, resume_from: Path | None = None):
+                 run_dir: Path, mailbox, resume_from: Path | None = None):
+        """`mailbox`: the run's RolloutQueue, whose actor also carries commands and results."""
         import dataclasses
 
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-        from ray.util.queue import Queue
+        from ray.train.torch import TorchConfig
 
         if cfg.ppo.rollout_batch_size % cfg.ppo.num_learners or cfg.ppo.minibatch_size % cfg.ppo.num_learners:
             raise ValueError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) and ppo.minibatch_size "
                              f"({cfg.ppo.minibatch_size}) must divide by ppo.num_learners ({cfg.ppo.num_learners})")
         n = cfg.ppo.num_learners
-        self.commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(n)]
-        self.results = Queue(actor_options={"num_cpus": 0})
+        self.commands = [mailbox.channel(f"learner-{rank}-commands") for rank in range(n)]
+        self.results = mailbox.channel("learner-results")
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-        self.trainer = TorchTrainer(
+        self.trainer = torch_trainer(
             ppo_train_loop,
             train_loop_config={"cfg": dataclasses.asdict(cfg), "policy_path": policy_path,
                                "critic_path": critic_path, "reference_path": reference_path,
@@ -384,7 +381,13 @@ class PPOLearnerGroup:
         self._thread = threading.Thread(target=self._fit, daemon=True, name="ppo-learner-group")
         self._thread.start()
         ready = self._wait("ready")
-        self.initial_weights, self.pids = ready["weights"], ready["pids"]
+        self.pids, self._initial_weights = ready["pids"], ready["weights"]
+
+    def take_initial_weights(self) -> list:
+        """[ObjectRef] to the weights the group started with. The group keeps no ref:
+        with one live version at a time the object store reuses its pages."""
+        weights, self._initial_weights = self._initial_weights, None
+        return weights
 
     def _fit(self):
         try:
@@ -399,14 +402,12 @@ class PPOLearnerGroup:
                 msg = self.results.get(timeout=1.0)
             except queue_mod.Empty:
                 msg = None
-            except Exception as e:  # ray.util.queue raises its own Empty
-                if type(e).__name__ != "Empty":
-                    raise
-                msg = None
             if msg is not None:
                 if msg["kind"] == "ready" and kind != "ready":
                     self.pids = msg["pids"]
-                    raise LearnerGroupRestarted("the PPO learner group restarted after a worker failure")
+                    restarted = LearnerGroupRestarted("the PPO learner group restarted after a worker failure")
+                    restarted.weights = msg["weights"]
+                    raise restarted
                 if msg["kind"] != kind:
                     raise RuntimeError(f"learner group answered {msg['kind']!r}, expected {kind!r}")
                 return msg

@@ -5,6 +5,8 @@ model are started once for the module and shared; the test that changes the
 weights runs last.
 """
 
+import queue as stdlib_queue
+
 import pytest
 import ray
 import torch
@@ -211,6 +213,20 @@ def test_rollout_queue_backpressure_and_stall_names_producer(ray_cluster):
         queue.get(timeout=0.5)
     with pytest.raises(TypeError, match="ObjectRefs"):
         queue.put("not a ref", producer="gen-fast")
+
+    # The same actor carries message channels (the learners' commands and results):
+    # separate from the rollouts and from each other, in order, nested refs kept as refs.
+    commands, results = queue.channel("learner-0-commands"), queue.channel("learner-results")
+    assert commands.empty() and results.empty()
+    weights = ray.put({"w": 1})
+    commands.put({"cmd": "train", "batch": [weights]})
+    commands.put({"cmd": "stop"})
+    assert queue.qsize() == 0 and results.empty() and not commands.empty()
+    first = commands.get(timeout=5)
+    assert first["cmd"] == "train" and ray.get(first["batch"][0]) == {"w": 1}
+    assert commands.get(timeout=5) == {"cmd": "stop"}
+    with pytest.raises(stdlib_queue.Empty, match="learner-results"):
+        results.get(timeout=0.2)
     queue.shutdown()
 
 

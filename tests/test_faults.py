@@ -89,3 +89,34 @@ def test_run_survives_killed_generator_pm_and_learner(faulty_run):
     assert redo["tokens_generated"] == first["tokens_generated"]
     assert redo["reward_pm"] == pytest.approx(first["reward_pm"], abs=1e-5)
     assert (run_dir / "policy" / "config.json").exists()
+
+
+def test_async_run_redoes_a_batch_whose_generator_died_while_learning(ray_cluster, tiny_pm, tmp_path):
+    """Async mode keeps one weights version: a generation worker killed while the learners
+    train (the next batch being made with the version before) is replaced at the weight
+    sync, and that batch is produced again with the new weights, at staleness 0."""
+    import ray
+
+    batch = 8
+    cfg = tiny_config(**{"model.pm": tiny_pm, "ppo.mode": "async", "ppo.iterations": 3,
+                         "ppo.rollout_batch_size": batch, "ppo.minibatch_size": batch,
+                         "generation.num_workers": 2, "ppo.num_learners": 1, "ppo.checkpoint_every": 10,
+                         "ppo.eval_prompts": 0})
+    controller = RLHFController(cfg, tmp_path)
+    killed = []
+
+    def inject(phase, i):
+        if (phase, i) == ("learn", 1) and not killed:
+            killed.append(ray.get(controller.pool.workers[0].info.remote())["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    controller.on_phase = inject
+    try:
+        controller.run()
+    finally:
+        controller.shutdown()
+    rows = read_metrics(tmp_path, "ppo")
+    assert len(killed) == 1 and [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["staleness"] == 0  # batch 2 redone after the sync, with version 2
+    assert [r["restarts_generation_total"] for r in rows] == [0, 1, 1]
+    assert all(r["samples"] == batch for r in rows)

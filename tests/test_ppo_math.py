@@ -123,6 +123,33 @@ def test_policy_logprobs_alignment():
     assert lp[0, 3].item() == pytest.approx(torch.log_softmax(logits, -1)[9].item(), abs=1e-5)
 
 
+def test_bf16_linear_weights_give_the_autocast_scores(tiny_model):
+    """Under bf16 autocast the PM service stores its Linear weights in bf16: the scores
+    are the fp32 model's under autocast, bit for bit; embeddings, norms and a weight
+    tied to the embeddings stay fp32."""
+    from hh_ray.models import autocast, load_policy, load_scalar_head_model, pm_scores, store_linear_weights_in_bf16
+
+    torch.manual_seed(0)
+    pm, _ = load_scalar_head_model(tiny_model)
+    pm.eval()
+    ids = torch.randint(0, pm.config.vocab_size, (3, 10))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    with torch.no_grad(), autocast("bfloat16", "cpu"):
+        want = pm_scores(pm, ids, attn)
+    store_linear_weights_in_bf16(pm)
+    with torch.no_grad(), autocast("bfloat16", "cpu"):
+        assert torch.equal(pm_scores(pm, ids, attn), want)
+    kinds = {(type(m).__name__, m.weight.dtype) for m in pm.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    assert ("Linear", torch.bfloat16) in kinds and ("Linear", torch.float32) not in kinds
+    assert {d for k, d in kinds if k != "Linear"} == {torch.float32}
+
+    lm = load_policy(tiny_model)
+    lm.lm_head.weight = lm.model.embed_tokens.weight  # tied, as in SmolLM2
+    store_linear_weights_in_bf16(lm)
+    assert lm.lm_head.weight.dtype == torch.float32 and lm.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
 def test_response_logits_match_the_full_forward(tiny_model):
     """Log-probs, entropies and gradients from the output layer run at response
     positions only equal those of the full forward; a model whose logits are more
@@ -149,6 +176,10 @@ def test_response_logits_match_the_full_forward(tiny_model):
     assert torch.allclose(ent, full_ent * mask, atol=1e-4)
     assert torch.allclose(lm.lm_head.weight.grad, want, atol=1e-5)
     assert (logp[mask == 0] == 0).all()
+    none = torch.zeros_like(mask)  # a micro-batch without response tokens still backpropagates
+    logp, ent = ppo.response_logprobs(model(ids, attn, none), ids, none, 0.7, with_entropy=True)
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == ent.shape == ids.shape and not logp.any() and not ent.any()
 
     class Scaled(torch.nn.Module):  # logits scaled after the output layer, as some families do
         def __init__(self, inner):
