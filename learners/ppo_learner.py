@@ -276,7 +276,7 @@ def ppo_train_loop(config: dict) -> None:
                 adv[rows, :w], returns[rows, :w] = ppo.gae(reward[rows, :w], old_values[rows, :w], m,
                                                            p.gamma, p.gae_lambda)
             vl = ppo.value_loss(values, old_values[rows, :w], returns[rows, :w], m, p.value_clip_eps, p.loss_agg)
-            return p.value_coef * vl, {"value_loss": vl}
+            return p.value_coef * vl, {"value_loss": vl.detach()}
 
         def policy_loss(rows, ids, attn, m):
             w = ids.shape[1]
@@ -284,7 +284,7 @@ def ppo_train_loop(config: dict) -> None:
                                               with_entropy=True, entropy_grad=p.entropy_coef != 0)
             pl, st = ppo.ppo_loss(logp, old_logp[rows, :w], adv[rows, :w], m, p.clip_eps, p.loss_agg)
             entropy = ppo.masked_mean(ent, m, p.loss_agg)
-            return pl - p.entropy_coef * entropy, {"policy_loss": pl, "entropy": entropy, **st}
+            return pl - p.entropy_coef * entropy, {"policy_loss": pl.detach(), "entropy": entropy.detach(), **st}
 
         stats: dict[str, float] = {}
 
