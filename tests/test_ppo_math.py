@@ -202,3 +202,39 @@ def test_response_logits_match_the_full_forward(tiny_model):
     with torch.no_grad():
         got = ppo.response_logprobs(scaled(ids, attn, mask), ids, mask)
         assert torch.allclose(got, ppo.policy_logprobs(Scaled(lm), ids, attn) * mask, atol=1e-5)
+
+
+def test_micro_batches_group_rows_of_like_length():
+    """Each chosen row in exactly one micro-batch, rows of like length together, and
+    every micro-batch trimmed to its longest row."""
+    from hh_ray.rollout import RolloutBatch
+    from learners.ppo_learner import _micro_batches
+
+    lengths = [9, 3, 8, 2, 7, 4]  # prompt of 1 token + a response of length - 1
+    batch = RolloutBatch.from_samples([[1]] * 6, [[5] * (n - 1) for n in lengths], [[0.0] * (n - 1) for n in lengths],
+                                      [0] * 6, [""] * 6, [""] * 6, [""] * 6, pad_id=0)
+    rows = [0, 1, 2, 3, 5]  # row 4 is another minibatch's
+    parts = list(_micro_batches(batch, rows, 2))
+    assert [part for part, _, _ in parts] == [[3, 1], [5, 2], [0]]
+    assert [w for _, _, w in parts] == [3, 8, 9]
+    for part, mb, w in parts:
+        assert torch.equal(mb.input_ids, batch.input_ids[part]) and mb.attention_mask[:, w:].sum() == 0
+
+
+def test_eager_attention_gives_the_sdpa_log_probs_under_bf16(tiny_model):
+    """The learner runs eager attention under bf16 autocast on CPU (faster backward):
+    the same log-probs as sdpa, right padding included, to bf16's precision."""
+    from hh_ray.models import autocast, load_policy
+
+    torch.manual_seed(0)
+    lm = load_policy(tiny_model)
+    ids = torch.randint(0, lm.config.vocab_size, (2, 12))
+    attn = torch.ones_like(ids)
+    attn[1, 8:] = 0
+    out = {}
+    for kind in ("sdpa", "eager"):
+        lm.set_attn_implementation(kind)
+        with torch.no_grad(), autocast("bfloat16", "cpu"):
+            out[kind] = ppo.policy_logprobs(lm, ids, attn) * attn
+    assert torch.allclose(out["eager"], out["sdpa"], atol=0.01)
+    assert not torch.equal(out["eager"], torch.zeros_like(out["eager"]))
