@@ -5,7 +5,9 @@
 Prints samples/s, time per phase (generate, score, learn, sync) and the peak
 memory of all the run's processes together (sum of RSS of the driver and every
 process it started: Ray's raylet/GCS, the actors, the learners), sampled every
-0.5 s. The first iteration includes warm-up and is reported separately.
+0.5 s. The first iteration includes warm-up and is reported separately; in async mode the last one
+is left out of "steady" too (nothing is left to generate while it learns). samples/s is the
+steady iterations' samples over their wall time.
 Targets on a 2-core machine: >= 0.55 samples/s, <= 12 GiB peak.
 """
 
@@ -80,9 +82,29 @@ class PeakRSS:
         self._t.join()
 
 
+def matmul_gflops(dtype: str, seconds: float = 2.0, n: int = 1024) -> float:
+    """How fast this machine is right now: GFLOP/s of an n x n matmul on all cores. A
+    shared machine's speed drifts (here, by 20% and more within an hour), so each mode's
+    column says what the machine gave just before it ran."""
+    import torch
+
+    a, k, t0 = torch.randn(n, n, dtype=getattr(torch, dtype)), 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+        k += 1
+    return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
+
+
 # The demo's learner settings before bf16 autocast and the fused value pass, for a side-by-side column.
 FP32 = {"ppo.mode": "sync", "ppo.autocast": "none", "ppo.fuse_value_pass": False, "ppo.micro_batch_size": 4,
         "ppo.pm_service_cpus": 1, "model.gradient_checkpointing": True}
+
+
+def steady_rows(rows: list[dict], mode: str) -> list[dict]:
+    """The iterations in a steady state: not the first (warm-up), and in async mode not
+    the last either: it has no next batch to generate while it learns, so it runs alone."""
+    last = -1 if mode == "async" and len(rows) > 2 else None
+    return rows[1:last] or rows
 
 
 def untrained_pm(policy: str, cache: Path) -> str:
@@ -127,13 +149,14 @@ def main() -> None:
             "generation.max_new_tokens": args.new_tokens, "ppo.checkpoint_every": 10**6,
             "ppo.eval_prompts": 0, "tracking.wandb": "disabled"})
         run_dir = Path(tempfile.mkdtemp(prefix=f"bench-ppo-{mode}-"))
+        speed = {f"machine {dtype} matmul GFLOP/s": matmul_gflops(dtype) for dtype in ("float32", "bfloat16")}
         t0 = time.time()
         with PeakRSS() as mem:
             train_ppo(cfg, run_dir)
         rows = read_metrics(run_dir, "ppo")
-        steady = rows[1:] or rows
+        steady = steady_rows(rows, cfg.ppo.mode)
         results[mode] = {
-            "samples/s (steady)": statistics.mean(r["samples_per_s"] for r in steady),
+            "samples/s (steady)": sum(r["samples"] for r in steady) / sum(r["time_iteration"] for r in steady),
             "s/iteration (steady)": statistics.mean(r["time_iteration"] for r in steady),
             "s/iteration (first)": rows[0]["time_iteration"],
             "generate s": statistics.mean(r["time_generate"] for r in steady),
@@ -146,6 +169,7 @@ def main() -> None:
             "tokens/iteration": statistics.mean(r["tokens_generated"] for r in steady),
             "peak RSS GiB (all processes)": mem.peak / 2**30,
             "wall s (incl. start-up)": time.time() - t0,
+            **speed,
         }
         breakdowns[mode] = mem.breakdown()
         shutil.rmtree(run_dir)  # its final checkpoint alone is ~4 GB
