@@ -5,28 +5,24 @@ A `GenerationWorker` is one Ray actor holding one vLLM engine (in-process on
 CPU, DESIGN.md §3). A `GenerationPool` is the controller's view of N workers:
 it spreads a batch of prompts over them and broadcasts weights to all of them.
 
-Weight sync, two paths (`generation.weight_sync`):
-- 'object_store' (CPU and GPU): the learner publishes its state dict as one
-  ObjectRef; each worker fetches it from the object store and reloads it in
-  place with `collective_rpc("reload_weights")`. Names and shapes are checked
-  first, so a bad dict is refused whole and the engine keeps its old weights.
-- 'nccl' (GPU only): vLLM's NCCL weight-transfer engine. Learner rank 0 is
-  NCCL rank 0 and broadcasts straight into the workers' GPU memory; the pool
-  gives it a `weight_sync_client()` that drives the workers' side.
+Weight sync through the object store: the learner publishes its state dict
+as one ObjectRef (hh_ray.weights); each worker fetches it and reloads it in
+place with `collective_rpc("reload_weights")`. Names and shapes are checked
+first, so a bad dict is refused whole and the engine keeps its old weights.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import warnings
 
-import numpy as np
 import ray
 import torch
 
 from hh_ray.config import GenerationConfig, parse_resources
 from hh_ray.rollout import RolloutBatch
+from hh_ray.runtime import set_torch_threads, worker_env
+from hh_ray.weights import as_tensors
 
 
 class GenerationInputError(ValueError):
@@ -58,38 +54,6 @@ def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[s
     required = {k for k, _ in model.named_parameters()}
     required |= {k for k, _ in model.named_buffers() if k in shapes}  # persistent buffers only
     return shapes, required
-
-
-def weights_for_sync(model: torch.nn.Module) -> dict[str, np.ndarray | torch.Tensor]:
-    """What a learner publishes: the full state dict, detached, contiguous, on CPU.
-
-    As numpy arrays where numpy has the dtype: Ray writes those into the object
-    store with one copy and a worker reads them without one (SmolLM2's 540 MB,
-    measured: put 0.1-0.5 s and read 0.01 s, against 0.9-1.7 s and 0.7-0.9 s
-    as torch tensors). bfloat16 has no numpy dtype and stays a tensor.
-
-    A tied `lm_head.weight` is sent too, although it aliases the embedding:
-    vLLM's layer-wise `reload_weights` leaves a tied output layer with its old
-    weights when only the embedding arrives (SmolLM2, measured: greedy
-    log-probs then differ from HF by 1.5 nats; with the alias, 1.3e-5). It is
-    the same array object, so pickle stores it once."""
-    out, seen = {}, {}
-    for k, v in model.state_dict().items():
-        t = v.detach().to("cpu").contiguous()
-        if t.dtype != torch.bfloat16:
-            key = (t.data_ptr(), t.shape, t.dtype)
-            t = seen.setdefault(key, t.numpy())
-        out[k] = t
-    return out
-
-
-def as_tensors(weights: dict) -> dict:
-    """Numpy arrays (zero-copy, read-only views of the object store) as tensors; anything else unchanged."""
-    if not isinstance(weights, dict):
-        return weights
-    with warnings.catch_warnings():  # read-only is fine: reload_weights copies out of them
-        warnings.simplefilter("ignore", UserWarning)
-        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in weights.items()}
 
 
 def check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
@@ -141,10 +105,8 @@ class GenerationWorker:
 
     def __init__(self, model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
                  dtype: str = "float32", seed: int = 0):
-        # vLLM makes torch.set_num_threads a no-op in its process once the
-        # engine exists: set the thread count from our CPU share first.
-        torch.set_num_threads(max(1, gen_cfg.cpus_per_worker))
-        from hh_ray.vllm_engine import make_llm
+        set_torch_threads(gen_cfg.cpus_per_worker)
+        from actors.vllm_engine import make_llm
 
         self.gen_cfg = gen_cfg
         self.llm = make_llm(model_path, gen_cfg, max_model_len, dtype, seed)
@@ -154,7 +116,6 @@ class GenerationWorker:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.shapes, self.required = expected_weights(model_path)
         self._version = 0
-        self._updating = False  # between start and finish of an NCCL update
 
     # ------------------------------------------------------------ generation
 
@@ -170,10 +131,8 @@ class GenerationWorker:
         None = unseeded. `expected_version` (sync mode) refuses to run on other
         weights.
         """
-        from hh_ray.vllm_engine import sampling_params
+        from actors.vllm_engine import sampling_params
 
-        if self._updating:
-            raise StaleWeightsError("a weight update is in progress on this worker; generate after it finishes")
         if expected_version is not None and self._version != expected_version:
             raise StaleWeightsError(f"worker holds policy version {self._version}, expected {expected_version}: "
                                     "it missed a weight update; refusing to generate with stale weights (sync mode)")
@@ -216,9 +175,6 @@ class GenerationWorker:
         instead of resolving it on the way) or `[state_dict]`. Validated
         before anything is loaded: on error the old weights and version stay.
         """
-        if self.gen_cfg.weight_sync != "object_store":
-            raise WeightUpdateError(f"this worker syncs weights by {self.gen_cfg.weight_sync!r}; "
-                                    "use the pool's weight_sync_client() for NCCL")
         if not isinstance(weights_ref, (list, tuple)) or len(weights_ref) != 1:
             raise WeightUpdateError("pass the weights as [ObjectRef] (a one-element list)")
         item = weights_ref[0]
@@ -237,102 +193,17 @@ class GenerationWorker:
         return {"version": self._version, "pid": os.getpid(), "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
                 "pad_id": self.pad_id, "weight_sync": self.gen_cfg.weight_sync}
 
-    # ------------------------------------------------------------ weight sync: NCCL (GPU)
-    # These four mirror vLLM's `VLLMWeightSyncClient` protocol; the pool's
-    # `weight_sync_client()` calls them on every worker.
-
-    def _require_nccl(self) -> None:
-        if self.gen_cfg.weight_sync != "nccl":
-            raise WeightUpdateError("NCCL weight transfer needs generation.weight_sync='nccl' (GPU only)")
-
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._require_nccl()
-        self.llm.init_weight_transfer_engine({"init_info": init_info})
-
-    def start_weight_update(self) -> None:
-        self._require_nccl()
-        self._updating = True
-        self.llm.start_weight_update()
-
-    def receive_weights(self, update_info: dict) -> None:
-        self._require_nccl()
-        try:
-            self.llm.update_weights({"update_info": update_info})
-        except BaseException:
-            self._updating = False
-            raise
-
-    def finish_weight_update(self, version: int | None = None) -> int:
-        self._require_nccl()
-        self.llm.finish_weight_update()
-        self.llm.reset_prefix_cache()
-        self._updating = False
-        if version is not None:
-            self._version = int(version)
-        return self._version
-
-    def set_version(self, version: int) -> int:
-        """NCCL path: the learner's engine finishes the update without a version; the pool sets it."""
-        self._require_nccl()
-        if self._updating:
-            raise StaleWeightsError("cannot set a version while a weight update is in progress")
-        self._version = int(version)
-        return self._version
-
 
 def start_generation_worker(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
                             dtype: str = "float32", seed: int = 0, name: str | None = None):
     """A GenerationWorker with its resources: `cpus_per_worker` CPUs (Ray sets
     OMP_NUM_THREADS from it) and, on a GPU cluster, `tensor_parallel_size` GPUs."""
-    from hh_ray.cluster import worker_env
-
     gpus = gen_cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
     opts = dict(num_cpus=gen_cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": worker_env()},
                 resources=parse_resources(gen_cfg.resources, "generation.resources"))
     if name:
         opts["name"] = name
     return GenerationWorker.options(**opts).remote(model_path, gen_cfg, max_model_len, dtype, seed)
-
-
-class PoolWeightSyncClient:
-    """vLLM's `VLLMWeightSyncClient` protocol over the pool's workers, for the
-    NCCL path. Learner rank 0 builds the trainer side with it:
-
-        engine = NCCLTrainerWeightTransferEngine.trainer_init(
-            NCCLTrainerInitInfo(master_address=ip, master_port=port,
-                                world_size=1 + client.num_ranks, rank=0),
-            client=client, source=ModuleSource(model))
-        engine.send_weights()            # every iteration
-        pool.set_version(v)              # then tell the workers what they hold
-
-    vLLM's own Ray client gives every engine rank_offset 1, which only works
-    for one engine; here worker k's ranks start at 1 + k * tensor_parallel_size.
-    """
-
-    def __init__(self, workers: list, tensor_parallel_size: int):
-        self.workers = workers
-        self.tp = tensor_parallel_size
-
-    @property
-    def num_ranks(self) -> int:
-        return len(self.workers) * self.tp
-
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        ray.get([w.init_weight_transfer_engine.remote({**init_info, "rank_offset": 1 + k * self.tp})
-                 for k, w in enumerate(self.workers)])
-
-    def shutdown_weight_transfer_engine(self) -> None:
-        pass  # the engines release the group when the workers stop
-
-    def start_weight_update(self) -> None:
-        ray.get([w.start_weight_update.remote() for w in self.workers])
-
-    def update_weights(self, update_info) -> None:
-        ray.get([w.receive_weights.remote(update_info) for w in self.workers])
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        v = None if weight_version is None else int(weight_version)
-        ray.get([w.finish_weight_update.remote(v) for w in self.workers])
 
 
 def get_all(refs: list) -> list:
@@ -456,9 +327,7 @@ class GenerationPool:
     def revive(self, version: int, weights_ref) -> int:
         """Replace workers that died (ray.kill, SIGKILL, OOM, a lost node) with fresh
         engines holding `version` (`weights_ref`: that version's state dict; None
-        for version 0, which a fresh engine already holds). Returns how many.
-
-        Object-store sync only: an NCCL group would have to be rebuilt too."""
+        for version 0, which a fresh engine already holds). Returns how many."""
         replaced = 0
         for k, w in enumerate(self.workers):
             try:
@@ -475,15 +344,6 @@ class GenerationPool:
             self.workers[k] = new
             replaced += 1
         return replaced
-
-    def weight_sync_client(self) -> PoolWeightSyncClient:
-        if self.gen_cfg.weight_sync != "nccl":
-            raise WeightUpdateError("weight_sync_client() is the NCCL path; set generation.weight_sync='nccl' (GPU)")
-        return PoolWeightSyncClient(self.workers, self.gen_cfg.tensor_parallel_size)
-
-    def set_version(self, version: int) -> None:
-        """NCCL path: after the learner's `send_weights()`, record the version on every worker."""
-        self._check_versions(version, get_all([w.set_version.remote(version) for w in self.workers]))
 
     def _check_versions(self, version: int, got: list[int]) -> None:
         if any(v != version for v in got):

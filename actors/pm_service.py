@@ -22,24 +22,22 @@ import asyncio
 import ray
 import torch
 
-from hh_ray.rollout import RolloutBatch
+from hh_ray.runtime import set_torch_threads, worker_env
 
 
 @ray.remote
 class PMScorer:
-    """Start with `start_pm_scorer`. `backend`: 'hf' (batched HF forward) or 'vllm'
-    (vLLM's pooling runner; on CPU no faster unless prompts repeat, DESIGN.md §3)."""
+    """Start with `start_pm_scorer`. A batched HF forward: vLLM's pooling runner was
+    no faster on CPU unless prompts repeat (docs/architecture.md)."""
 
     def __init__(self, pm_path: str, max_len: int = 512, dtype: str = "float32", micro_batch_size: int = 16,
-                 batch_wait_ms: float = 5.0, backend: str = "hf", num_threads: int = 1, kv_cache_gib: float = 0.5,
-                 autocast: str = "none"):
-        torch.set_num_threads(max(1, num_threads))  # before vLLM, which freezes it
-        from hh_ray.models import load_pm_tokenizer, load_scalar_head_model, store_linear_weights_in_bf16
+                 batch_wait_ms: float = 5.0, num_threads: int = 1, autocast: str = "none"):
+        set_torch_threads(num_threads)
+        from hh_ray.models import load_scalar_head_model, store_linear_weights_in_bf16
 
         self.max_len = max_len
         self.micro_batch_size = micro_batch_size
         self.batch_wait = batch_wait_ms / 1000
-        self.backend = backend
         # 'bfloat16': the hf backend's matmuls in bf16. On the demo's trained PM (32 transcripts)
         # scores moved by -0.25 +- 0.22 against fp32 (score std 3.5, correlation 0.9993), and
         # the preferred response of 62 of 64 pairs stayed the same.
@@ -47,27 +45,11 @@ class PMScorer:
         self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
-        if backend == "hf":
-            self.model, self.tokenizer = load_scalar_head_model(pm_path, dtype)
-            self.model.eval()
-            self.device = next(self.model.parameters()).device.type
-            if autocast == "bfloat16":
-                store_linear_weights_in_bf16(self.model)  # the same scores, half the memory
-        elif backend == "vllm":
-            from hh_ray.config import GenerationConfig
-            from hh_ray.models import is_scalar_head_model
-            from hh_ray.vllm_engine import make_llm
-
-            # vLLM loads the folder as saved: it must already be a PM whose
-            # vocabulary holds the end-of-context and pad tokens.
-            if not is_scalar_head_model(pm_path):
-                raise ValueError(f"{pm_path}: not a saved PM (no ForSequenceClassification in config.json); "
-                                 "the vLLM backend needs a PM folder written by PM training")
-            self.tokenizer = load_pm_tokenizer(pm_path)
-            self.llm = make_llm(pm_path, GenerationConfig(kv_cache_gib=kv_cache_gib), max_len, dtype,
-                                runner="pooling")
-        else:
-            raise ValueError(f"PMScorer backend must be 'hf' or 'vllm', got {backend!r}")
+        self.model, self.tokenizer = load_scalar_head_model(pm_path, dtype)
+        self.model.eval()
+        self.device = next(self.model.parameters()).device.type
+        if autocast == "bfloat16":
+            store_linear_weights_in_bf16(self.model)  # the same scores, half the memory
 
     def _score_now(self, texts: list[str]) -> list[float]:
         from hh_ray.models import autocast, encode_for_pm, pm_scores
@@ -75,16 +57,8 @@ class PMScorer:
         out = []
         for s in range(0, len(texts), self.micro_batch_size):
             enc = encode_for_pm(self.tokenizer, texts[s: s + self.micro_batch_size], self.max_len)
-            if self.backend == "hf":
-                with torch.no_grad(), autocast(self.autocast, self.device):
-                    out += pm_scores(self.model, enc["input_ids"], enc["attention_mask"]).tolist()
-            else:
-                from vllm import PoolingParams
-
-                rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
-                res = self.llm.classify([{"prompt_token_ids": r} for r in rows], use_tqdm=False,
-                                        pooling_params=PoolingParams(use_activation=False))
-                out += [float(r.outputs.probs[0]) for r in res]
+            with torch.no_grad(), autocast(self.autocast, self.device):
+                out += pm_scores(self.model, enc["input_ids"], enc["attention_mask"]).tolist()
         return out
 
     async def _flush(self) -> None:
@@ -116,18 +90,10 @@ class PMScorer:
             self._flusher = asyncio.create_task(self._flush())
         return await fut
 
-    async def score_rollouts(self, batch: RolloutBatch) -> RolloutBatch:
-        """The batch with `pm_score` filled in. Pass an ObjectRef from a
-        generation worker: Ray resolves it here, so the rollout never visits the controller."""
-        batch.pm_score = torch.tensor(await self.score(batch.prompts, batch.responses), dtype=torch.float32)
-        return batch
-
 
 def start_pm_scorer(pm_path: str, max_len: int = 512, dtype: str = "float32", num_cpus: float = 1,
                     **kwargs):
-    from hh_ray.cluster import worker_env
-
     # max_concurrency lets calls from several producers reach the batching queue together.
     return PMScorer.options(num_cpus=num_cpus, max_concurrency=64,
                             runtime_env={"env_vars": worker_env()}).remote(
-        pm_path, max_len, dtype, num_threads=max(1, int(num_cpus)), **kwargs)
+        pm_path, max_len, dtype, num_threads=num_cpus, **kwargs)

@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="learner worker counts to compare")
     args = ap.parse_args()
 
-    from hh_ray.cluster import ensure_ray
+    from hh_ray.orchestration.cluster import ensure_ray
 
     ensure_ray()
     print(f"PM benchmark, model={args.model}, {os.cpu_count()} CPUs")

@@ -133,9 +133,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
 
-    from hh_ray.cluster import ensure_ray
+    from hh_ray.orchestration.cluster import ensure_ray
     from hh_ray.config import load_config
-    from hh_ray.controller import train_ppo
+    from hh_ray.orchestration.controller import train_ppo
     from hh_ray.models import cache_root, resolve_model
     from hh_ray.tracking import read_metrics
 

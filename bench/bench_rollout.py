@@ -31,7 +31,6 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="max new tokens per response")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs for the vLLM actor and for HF generate")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
-    ap.add_argument("--pm-vllm", action="store_true", help="also time the PM through vLLM's pooling runner")
     args = ap.parse_args()
 
     import ray
@@ -91,19 +90,16 @@ def main() -> None:
     pm_model, pm_tok = load_scalar_head_model(model_path)
     pm_dir = save_model(pm_model, pm_tok, Path(os.environ.get("HH_RAY_CACHE", "/tmp")) / "bench-pm-smollm2")
     del pm_model
-    backends = ["hf"] + (["vllm"] if args.pm_vllm else [])
-    for backend in backends:
-        extra = {"kv_cache_gib": 0.5} if backend == "vllm" else {}
-        pm = start_pm_scorer(str(pm_dir), max_len=512, num_cpus=args.cpus, backend=backend, **extra)
-        ray.get(pm.score.remote(batch.prompts[:2], batch.responses[:2]))  # warm-up
-        t0 = time.perf_counter()
-        # 4 callers at once, as several generation chunks would arrive: the service batches them
-        k = len(batch) // 4
-        ray.get([pm.score.remote(batch.prompts[i: i + k], batch.responses[i: i + k]) for i in range(0, len(batch), k)])
-        dt = time.perf_counter() - t0
-        results.append((f"PM scoring ({backend})", f"{len(batch) / dt:.1f} pairs/s",
-                        f"{len(batch)} pairs of ~{(n_prompt_tokens + n) / len(batch):.0f} tokens in {dt:.1f} s"))
-        ray.kill(pm)
+    pm = start_pm_scorer(str(pm_dir), max_len=512, num_cpus=args.cpus)
+    ray.get(pm.score.remote(batch.prompts[:2], batch.responses[:2]))  # warm-up
+    t0 = time.perf_counter()
+    # 4 callers at once, as several generation chunks would arrive: the service batches them
+    k = len(batch) // 4
+    ray.get([pm.score.remote(batch.prompts[i: i + k], batch.responses[i: i + k]) for i in range(0, len(batch), k)])
+    dt = time.perf_counter() - t0
+    results.append(("PM scoring (hf)", f"{len(batch) / dt:.1f} pairs/s",
+                    f"{len(batch)} pairs of ~{(n_prompt_tokens + n) / len(batch):.0f} tokens in {dt:.1f} s"))
+    ray.kill(pm)
 
     # ---------------------------------------------------------------- weight sync
     state = weights_for_sync(load_policy(model_path))

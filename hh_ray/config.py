@@ -71,7 +71,7 @@ class GenerationConfig:
     top_p: float = doc(1.0, "Nucleus sampling for rollouts.")
     kv_cache_gib: float = doc(1.0, "vLLM KV cache size per actor in GiB (CPU).")
     tensor_parallel_size: int = doc(1, "vLLM tensor parallelism (GPU).")
-    weight_sync: str = doc("object_store", "'object_store' (one ObjectRef, CPU) or 'nccl' (GPU).")
+    weight_sync: str = doc("object_store", "'object_store': the learner publishes one ObjectRef, every worker reloads it in place.")
     resources: str = doc("", "Custom Ray resources each generation actor needs, e.g. 'hh_generator=1' to place them on the generator nodes of cluster.yaml.")
 
 
@@ -188,7 +188,7 @@ class ConfigError(ValueError):
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "pm.strategy": ("ddp", "fsdp"),
-    "generation.weight_sync": ("object_store", "nccl"),
+    "generation.weight_sync": ("object_store",),
     "ppo.kl_estimator": ("k1", "k3"),
     "ppo.loss_agg": ("token_mean", "seq_mean"),
     "ppo.lr_schedule": ("constant", "linear", "cosine"),

@@ -284,7 +284,6 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
     from ray.util.queue import Queue
     from tqdm import tqdm
 
-    from hh_ray.cluster import ensure_ray
     from hh_ray.models import load_tokenizer, resolve_model
     from hh_ray.tracking import Tracker
 
@@ -311,7 +310,8 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
     print(f"{stage}: {len(train)} training and {len(held_out)} held-out sequences from {init_path}; {info}"
           + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))
 
-    ray = ensure_ray()
+    import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
+
     tracker = Tracker(run_dir, cfg, stage=stage)
     tracker.log(0, {"train_sequences": len(train), "held_out_sequences": len(held_out), **info}, stage=f"{stage}_data")
     eval_metric = "heldout_kl" if stage == "distill" else "heldout_loss"

@@ -68,7 +68,7 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path,
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from hh_ray.cluster import worker_env
+    from hh_ray.runtime import worker_env
 
     use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
     return torch_trainer(

@@ -340,7 +340,6 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     from ray.util.queue import Queue
     from tqdm import tqdm
 
-    from hh_ray.cluster import ensure_ray
     from hh_ray.models import load_pm_tokenizer, resolve_model
     from hh_ray.pm_eval import flat_summary, format_table
     from hh_ray.tracking import Tracker
@@ -358,7 +357,8 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
           f"held out {len(held_out)}; skipped {counts or 'none'}; {truncated} transcripts over "
           f"{cfg.model.max_seq_len} tokens truncated from the left (end-of-context token kept)")
 
-    ray = ensure_ray()
+    import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
+
     tracker = Tracker(run_dir, cfg, stage="pm")
     tracker.log(0, {"train_pairs": len(stages[-1]["comparisons"]), "held_out_pairs": len(held_out),
                     "truncated_transcripts": truncated, **{f"skipped_{k}": v for k, v in counts.items()}},

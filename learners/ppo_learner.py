@@ -167,7 +167,7 @@ def ppo_train_loop(config: dict) -> None:
         return dict(zip(keys, t.tolist()))
 
     def publish_weights() -> list:
-        from actors.generation import weights_for_sync
+        from hh_ray.weights import weights_for_sync
 
         return [ray.put(weights_for_sync(_unwrap(policy).lm))]
 

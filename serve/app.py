@@ -139,7 +139,7 @@ class ChatServer:
         # vLLM freezes torch's thread count once its engine exists (DESIGN.md §3).
         torch.set_num_threads(max(1, int(a.cpus_per_replica)))
         from hh_ray.config import GenerationConfig
-        from hh_ray.vllm_engine import make_llm
+        from actors.vllm_engine import make_llm
 
         self.args, self.limits = a, a.limits()
         self.api_key = a.api_key
@@ -182,7 +182,7 @@ class ChatServer:
         return await read_body(request, self.limits.max_request_bytes)
 
     def _sampling(self, req: ChatRequest, best_of: int, default_stop: list[str], prompt_len: int):
-        from hh_ray.vllm_engine import sampling_params
+        from actors.vllm_engine import sampling_params
 
         room = self.max_model_len - prompt_len
         if room < 1 or (req.max_tokens_given and req.max_tokens > room):
@@ -329,7 +329,7 @@ def build_app(args: dict) -> serve.Application:
         if path and not Path(path).exists():
             raise ValueError(f"{name}: {path} does not exist")
     a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
-    from hh_ray.cluster import worker_env
+    from hh_ray.runtime import worker_env
 
     # OMP threads follow num_cpus; the PM scorer the replica starts asks for one more CPU.
     return ChatServer.options(num_replicas=a.replicas,
@@ -345,10 +345,7 @@ def check_bind(host: str, api_key: str) -> None:
 
 
 def deploy(app: serve.Application, host: str, port: int, name: str):
-    """Start Serve's HTTP proxy on host:port (and Ray if needed) and run the app at '/'."""
-    from hh_ray.cluster import ensure_ray
-
-    ensure_ray()
+    """Start Serve's HTTP proxy on host:port and run the app at '/' (Ray connected by the caller)."""
     serve.start(http_options={"host": host, "port": port})
     return serve.run(app, name=name, route_prefix="/")
 

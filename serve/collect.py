@@ -115,7 +115,7 @@ class CollectServer:
         a = CollectArgs(**args)
         torch.set_num_threads(max(1, int(a.cpus_per_replica)))  # before vLLM freezes it (DESIGN.md §3)
         from hh_ray.config import GenerationConfig
-        from hh_ray.vllm_engine import make_llm
+        from actors.vllm_engine import make_llm
 
         self.args = a
         gen = GenerationConfig(kv_cache_gib=a.kv_cache_gib, cpus_per_worker=max(1, int(a.cpus_per_replica)))
@@ -131,7 +131,7 @@ class CollectServer:
         self.rng = random.Random(a.seed)
 
     def _sample(self, engine: int, ids: list[int], n: int, stop: list[str]) -> list[str]:
-        from hh_ray.vllm_engine import sampling_params
+        from actors.vllm_engine import sampling_params
 
         llm, lock = self.engines[engine]
         room = self.max_model_len - len(ids)
@@ -203,7 +203,7 @@ class CollectServer:
 def build_collect_app(args: dict) -> serve.Application:
     """Ray Serve app builder (`serve run serve.collect:build_collect_app policy=DIR db=FILE`)."""
     a = CollectArgs(**args)
-    from hh_ray.cluster import worker_env
+    from hh_ray.runtime import worker_env
     from hh_ray.models import resolve_model
 
     a.policy = resolve_model(a.policy)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from hh_ray.cli import STAGES, build_parser, main
+from hh_ray.orchestration.cli import STAGES, build_parser, main
 from hh_ray.config import Config, ConfigError, flat_fields, load_config, save_config
 from tests.conftest import ROOT
 
@@ -55,7 +55,7 @@ def test_every_stage_has_help_with_defaults():
 
 
 def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "hh_ray.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "hh_ray.orchestration.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "train-ppo" in out.stdout
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hh_ray.cli import build_parser, main, resolve
+from hh_ray.orchestration.cli import build_parser, main, resolve
 from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, log1mexp, loss_mask, loss_tokens,
                             pad_rows, prompt_kv, read_prompt, save_shard, sft_example, teacher_logits, teacher_rows,
                             teacher_topk, topk_kl, write_meta)
@@ -196,7 +196,7 @@ def test_distill_run_folder_and_policy(distill_run):
 
 def test_train_ppo_accepts_the_distilled_policy(distill_run, tmp_path):
     """`train-ppo --model.policy RUN/policy`: the checks that run before any actor starts."""
-    from hh_ray.controller import check_config, resolve_paths
+    from hh_ray.orchestration.controller import check_config, resolve_paths
     from hh_ray.models import load_scalar_head_model, save_model
 
     pm, pm_tok = load_scalar_head_model(str(distill_run / "policy"))  # a PM on the distilled backbone

@@ -192,7 +192,7 @@ def test_report_shows_every_section(tmp_path):
 
 
 def test_report_cli(tmp_path, capsys):
-    from hh_ray.cli import main
+    from hh_ray.orchestration.cli import main
 
     run = tmp_path / "run"
     _fake_run(run)
@@ -216,7 +216,7 @@ def tiny_pm(tiny_model, tmp_path_factory):
 
 
 def test_eval_commands_then_report(tiny_model, tiny_pm, tmp_path):
-    from hh_ray.cli import main
+    from hh_ray.orchestration.cli import main
     from hh_ray.data import Comparison, write_jsonl
 
     run = tmp_path / "run"

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from hh_ray.controller import RLHFController
+from hh_ray.orchestration.controller import RLHFController
 from hh_ray.rollout import RolloutBatch, drop_nonfinite
 from hh_ray.tracking import read_metrics
 from tests.conftest import tiny_config

@@ -176,7 +176,7 @@ def test_pm_labeler_follows_its_pm_and_names_itself(tiny_model, tmp_path):
 
 def test_snapshot_elo_from_labels():
     from hh_ray.elo import elo_difference
-    from hh_ray.online import snapshot_elo
+    from hh_ray.orchestration.online import snapshot_elo
 
     def lp(sa, sb, choice):
         return LabeledPair("id", 0, PROMPT, " a", " b", sa, sb, choice, None, "x")
@@ -220,7 +220,7 @@ def collect_server(tiny_model, tmp_path_factory):
     port, db = _free_port(), d / "comparisons.sqlite"
     env = {**os.environ, "HH_RAY_API_KEY": "", "RAY_ADDRESS": ""}  # its own Ray: killed with it below
     log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "hh_ray.cli", "collect", "--policy", tiny_model,
+    proc = subprocess.Popen([sys.executable, "-m", "hh_ray.orchestration.cli", "collect", "--policy", tiny_model,
                              "--api-key", KEY, "--run-dir", str(d), "--collect.db", str(db),
                              "--collect.port", str(port), "--collect.max_text_chars", "2000",
                              "--collect.max_request_bytes", "16384", "--generation.max_new_tokens", "16",
@@ -323,7 +323,7 @@ def test_two_online_rounds_grow_the_data_and_retrain_the_pm(ray_cluster, tiny_mo
     head: an arbitrary but fixed judge, which, unlike the kind-words rule, rarely calls the
     tiny random policy's responses a tie)."""
     from hh_ray.models import load_scalar_head_model, save_model
-    from hh_ray.online import online, round_dir
+    from hh_ray.orchestration.online import online, round_dir
     from hh_ray.tracking import read_metrics
 
     gold, gold_tok = load_scalar_head_model(tiny_model)
@@ -388,7 +388,7 @@ def test_page_round_waits_for_people_then_takes_the_page_down(ray_cluster, tiny_
     its comparisons (here: plain HTTP clients), then removes the page."""
     from ray import serve
 
-    from hh_ray.online import OnlineRLHF
+    from hh_ray.orchestration.online import OnlineRLHF
 
     port = _free_port()
     cfg = tiny_config(**{"online.collector": "page", "online.comparisons_per_round": 2, "collect.port": port,

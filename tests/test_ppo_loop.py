@@ -6,7 +6,7 @@ import math
 import pytest
 
 from hh_ray.config import ConfigError
-from hh_ray.controller import RLHFController, train_ppo
+from hh_ray.orchestration.controller import RLHFController, train_ppo
 from hh_ray.tracking import read_metrics
 from tests.conftest import tiny_config
 

@@ -32,7 +32,7 @@ def build_run_folder(run: Path) -> Path:
     from hh_ray.best_of_n import best_of_n_curve, plot_best_of_n
     from hh_ray.config import save_config
     from hh_ray.elo import fit_elo, win_probability
-    from hh_ray.eval_commands import _save, plot_elo, plot_ood
+    from hh_ray.orchestration.eval_commands import _save, plot_elo, plot_ood
     from hh_ray.ood_eval import evaluate_layer
     from hh_ray.pm_eval import pm_metrics, save_report
     from hh_ray.robustness import divergence_point, plot_robustness, robustness_table

@@ -101,7 +101,7 @@ def test_report_shows_robustness_from_the_real_writers(tmp_path):
 def test_eval_robustness_end_to_end(ray_cluster, tiny_model, tmp_path):
     """Two tiny PMs on 270 synthetic comparisons each, PPO for 2 iterations with a checkpoint after
     each, every checkpoint scored by both PMs; then the report. A few minutes on 2 cores."""
-    from hh_ray.cli import main
+    from hh_ray.orchestration.cli import main
     from hh_ray.data import load_comparisons
     from hh_ray.tracking import read_metrics
 

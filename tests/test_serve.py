@@ -311,7 +311,7 @@ def test_ood_refusal_when_configured(server):
 
 
 def test_cli_serve_refuses_bad_flags_before_starting(tiny_model, capsys):
-    from hh_ray.cli import main
+    from hh_ray.orchestration.cli import main
 
     assert main(["serve", "--policy", tiny_model, "--best-of-n", "2"]) == 2
     assert "needs a preference model" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import numpy as np
 
 from hh_ray.config import Config
 from hh_ray.data import DataError, first_prompt, load_comparisons, prompts_of
+from hh_ray.orchestration.robustness import eval_robustness
 
 
 def _save(run_dir: Path, name: str, results: dict) -> Path:
@@ -206,35 +207,7 @@ def eval_ood(cfg: Config, run_dir: Path, args) -> int:
     return 0
 
 
-def eval_robustness(cfg: Config, run_dir: Path, args) -> int:
-    """Train-PM vs test-PM (hh_ray/robustness.py): trains two PMs and runs PPO, so it needs Ray."""
-    from hh_ray.robustness import eval_robustness as run_robustness
-
-    return run_robustness(cfg, run_dir, args)
-
-
 COMMANDS = {"best-of-n": eval_best_of_n, "elo": eval_elo, "ood": eval_ood, "robustness": eval_robustness}
-
-
-def add_arguments(p) -> None:
-    """The flags of these evaluations, added to `hh-ray eval`'s parser."""
-    g = p.add_argument_group("best-of-n / elo / ood")
-    g.add_argument("--policy", help="policy to sample from (best-of-n: π₀) or read activations of (ood); "
-                                    "default model.policy")
-    g.add_argument("--policies", nargs="+", help="elo: policy folders to rate (default: model.policy and RUN_DIR/policy)")
-    g.add_argument("--num-prompts", type=int, default=32, help="held-out prompts (ood: per set)")
-    g.add_argument("--n-max", type=int, default=16, help="best-of-n: samples per prompt (n = 1, 2, 4, … up to this)")
-    g.add_argument("--helpful", default="synthetic", help="ood: in-distribution comparisons (source)")
-    g.add_argument("--harmful", help="ood: harmful-request comparisons (default data.source)")
-    g.add_argument("--layers", type=int, nargs="+", help="ood: hidden_states indices (default L/4, L/2, 3L/4, L)")
-    g.add_argument("--shots", type=int, nargs="+", help="ood: k harmful examples for the probe (default 1 4 16)")
-    g.add_argument("--ridge", type=float, default=1e-2, help="ood: covariance ridge, × mean unit variance")
-    g = p.add_argument_group("robustness")
-    g.add_argument("--samples-per-prompt", type=int, default=2,
-                   help="robustness: responses per held-out prompt and checkpoint (--num-prompts prompts)")
-    g.add_argument("--gap-threshold", type=float, default=0.5,
-                   help="robustness: the curves part where train-PM gain − test-PM gain exceeds this "
-                        "(PM units, log-odds), or where train rises while test falls")
 
 
 def run(what: str, cfg: Config, run_dir: Path, args) -> int:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from hh_ray.config import Config
 
+from hh_ray.orchestration.controller import train_ppo
+from learners.pm_learner import train_pm
+
 
 def demo(cfg: Config, run_dir: Path, resume: bool = False) -> int:
-    from hh_ray.controller import train_ppo
     from hh_ray.models import is_scalar_head_model, resolve_model
-    from learners.pm_learner import train_pm
 
     run_dir = Path(run_dir)
     t0 = time.time()

@@ -40,6 +40,17 @@ from hh_ray.config import Config, ConfigError, save_config
 from hh_ray.data import Comparison, write_jsonl
 from hh_ray.elo import fit_elo, win_matrix
 
+import ray
+from ray import serve
+
+from actors.generation import GenerationPool
+from hh_ray.checkpoint import latest_checkpoint as latest_ppo_checkpoint
+from hh_ray.orchestration.cluster import ensure_ray
+from hh_ray.orchestration.controller import PromptStream, load_prompts, train_ppo
+from hh_ray.runtime import worker_env
+from learners.pm_learner import latest_checkpoint, train_pm
+from serve.collect import start_collect
+
 STAGES = ("collect", "pm", "ppo", "evaluate")
 STATE_FILE = "online_state.json"
 
@@ -126,9 +137,6 @@ def _accuracy(pm_dir: str, comparisons: list[Comparison], max_len: int, dtype: s
 
 
 def _remote(fn, *args):
-    import ray
-
-    from hh_ray.cluster import worker_env
 
     return ray.get(ray.remote(num_cpus=1)(fn).options(runtime_env={"env_vars": worker_env()}).remote(*args))
 
@@ -137,8 +145,6 @@ def _remote(fn, *args):
 
 class OnlineRLHF:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
-        from hh_ray.cluster import ensure_ray
-        from hh_ray.controller import PromptStream, load_prompts
         from hh_ray.models import load_tokenizer, resolve_model
 
         check_online_config(cfg)
@@ -166,7 +172,6 @@ class OnlineRLHF:
 
     def _generate(self, snapshots: tuple[str, str], prompts: list[str], seed: int) -> tuple[list[str], list[str]]:
         """Responses of snapshot a and of snapshot b to every prompt (two samples when a == b)."""
-        from actors.generation import GenerationPool
 
         g, ids = self.cfg.generation, self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         distinct = list(dict.fromkeys(snapshots))
@@ -206,9 +211,6 @@ class OnlineRLHF:
               f"(generate {t1 - t0:.1f}s, label {time.time() - t1:.1f}s)", flush=True)
 
     def _collect_with_page(self, k: int) -> None:
-        from ray import serve
-
-        from serve.collect import start_collect
 
         c, n = self.cfg.collect, self.cfg.online.comparisons_per_round
         a_snap, b_snap = snapshot_pair(self.state["snapshots"])
@@ -244,7 +246,6 @@ class OnlineRLHF:
 
     def train_round_pm(self, k: int) -> dict:
         from hh_ray.pm_eval import pm_comparisons
-        from learners.pm_learner import latest_checkpoint, train_pm
 
         o, rd = self.cfg.online, round_dir(self.run_dir, k)
         rd.mkdir(parents=True, exist_ok=True)
@@ -280,14 +281,12 @@ class OnlineRLHF:
     # ---- PPO
 
     def train_round_policy(self, k: int) -> dict:
-        from hh_ray.checkpoint import latest_checkpoint
-        from hh_ray.controller import train_ppo
         from hh_ray.tracking import read_metrics
 
         start = self.initial_policy if self.cfg.online.policy_init == "initial" else self.state["snapshots"][-1]
         ppo_dir = round_dir(self.run_dir, k) / "ppo"
         train_ppo(ppo_round_config(self.cfg, start, self.state["pms"][-1]), ppo_dir,
-                  resume=latest_checkpoint(ppo_dir / "checkpoints") is not None)
+                  resume=latest_ppo_checkpoint(ppo_dir / "checkpoints") is not None)
         self.state["snapshots"].append(str(ppo_dir / "policy"))
         evals = read_metrics(ppo_dir, "ppo_eval")
         return {"policy_reward_latest_pm_before": evals[0]["reward_pm_heldout"] if len(evals) > 1 else None,

@@ -25,17 +25,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ray
 import torch
 
+from actors.generation import GenerationPool
+from actors.pm_service import start_pm_scorer
+from actors.rollout_queue import RolloutQueue
 from hh_ray.checkpoint import latest_checkpoint
 from hh_ray.config import Config, ConfigError
 from hh_ray.data import load_comparisons, prompts_of, train_eval_split
 from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenizer, resolve_model
 from hh_ray.rollout import drop_nonfinite
+from hh_ray.orchestration.cluster import ensure_ray
 from hh_ray.tracking import Tracker
-
-PRODUCER = "generator"
-
+from learners.ppo_learner import LearnerGroupRestarted, PPOLearnerGroup
 
 # ---------------------------------------------------------------- checks before any actor starts
 
@@ -152,18 +155,12 @@ class RLHFController:
         self._start_actors(ckpt)
 
     def _start_actors(self, ckpt: Path | None) -> None:
-        from actors.generation import GenerationPool
-        from actors.rollout_queue import RolloutQueue
-        from hh_ray.cluster import ensure_ray
-        from learners.ppo_learner import PPOLearnerGroup
-
         cfg = self.cfg
         ensure_ray()
         t0 = time.time()
         self.pool = GenerationPool(self.policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed)
         self.scorer = self._start_scorer()
         self.queue = RolloutQueue(maxsize=1 + cfg.ppo.max_staleness)
-        self.queue.register(PRODUCER)
         critic = self.pm_path if cfg.ppo.critic_init == "pm" else self.policy_path
         self.learners = PPOLearnerGroup(cfg, str(ckpt / "policy") if ckpt else self.policy_path,
                                         str(ckpt / "critic") if ckpt else critic, self.policy_path,
@@ -178,8 +175,6 @@ class RLHFController:
               f"PM service, {cfg.ppo.num_learners} learner(s)", flush=True)
 
     def _start_scorer(self):
-        from actors.pm_service import start_pm_scorer
-
         return start_pm_scorer(self.pm_path, self.cfg.model.max_seq_len, self.cfg.model.dtype,
                                num_cpus=self.cfg.ppo.pm_service_cpus, autocast=self.cfg.ppo.autocast)
 
@@ -191,8 +186,6 @@ class RLHFController:
 
     def _revive_actors(self, error: Exception) -> dict:
         """Replace dead generation workers and a dead PM service; returns how many of each."""
-        import ray
-
         with self._lock:
             gen = self.pool.revive(*self.weights)
         pm = 0
@@ -210,8 +203,6 @@ class RLHFController:
         return {"generation": gen, "pm": pm}
 
     def sync_weights(self, version: int, weights_ref) -> None:
-        import ray
-
         with self._lock:
             self.weights = (version, weights_ref)
             for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
@@ -247,8 +238,6 @@ class RLHFController:
     def produce(self, iteration: int) -> dict:
         """Produce one batch; a generation worker or PM service that dies meanwhile is
         replaced and the iteration's prompts are generated again (same seeds)."""
-        import ray
-
         revived = {"generation": 0, "pm": 0}
         for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
             try:
@@ -261,8 +250,6 @@ class RLHFController:
                     revived[k] += v
 
     def _produce(self, iteration: int) -> dict:
-        import ray
-
         cfg, n = self.cfg, self.cfg.ppo.rollout_batch_size
         prompts = self.stream.take(iteration * n, n)
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -275,7 +262,7 @@ class RLHFController:
         batch.pm_score = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
         t2 = time.time()
         batch, dropped = drop_nonfinite(batch)
-        self.queue.put(ray.put(batch), PRODUCER)
+        self.queue.put(ray.put(batch))
         return {"time_generate": t1 - t0, "time_score": t2 - t1, "dropped_nonfinite": dropped,
                 "reward_pm": float(batch.pm_score.mean()), "reward_pm_std": float(batch.pm_score.std()),
                 "response_length": float(batch.response_lengths.float().mean()),
@@ -285,8 +272,6 @@ class RLHFController:
         """The batch produced while the learners trained (async mode), or, if an actor died
         meanwhile, the batch produced again now, with the actors replaced and the weights
         synced since (so at staleness 0)."""
-        import ray
-
         try:
             return pending.result()
         except ray.exceptions.RayActorError as e:
@@ -296,8 +281,6 @@ class RLHFController:
 
     def evaluate(self, step: int) -> float:
         """Mean PM reward of one sampled response per held-out prompt (same seeds every time)."""
-        import ray
-
         if not self.eval_prompts:
             return float("nan")
         ids = self.tokenizer(self.eval_prompts, add_special_tokens=False)["input_ids"]
@@ -313,8 +296,6 @@ class RLHFController:
         self.learners.checkpoint(self.run_dir / "checkpoints" / f"iter-{it}", dict(self.state))
 
     def run(self) -> dict:
-        from learners.ppo_learner import LearnerGroupRestarted
-
         cfg = self.cfg
         self.initial_state = dict(self.state)
         reward_before = self.evaluate(self.state["iteration"]) if self.state["iteration"] == 0 else None
@@ -373,8 +354,6 @@ class RLHFController:
         return {**summary, "history": [history[k] for k in sorted(history)]}
 
     def shutdown(self) -> None:
-        import ray
-
         for closer in (self.learners.shutdown, self.pool.shutdown, self.queue.shutdown, lambda: ray.kill(self.scorer)):
             try:
                 closer()

@@ -1,7 +1,7 @@
-"""Building a vLLM engine the way that works here (DESIGN.md §3), for rollouts and serving.
+"""Building a vLLM engine the way that works here (docs/architecture.md), for rollouts and serving.
 
-No Ray in this module: the generation actors (actors/generation.py) and the
-serving replicas (serve/) both call `make_llm` and `sampling_params`.
+The generation actors (actors/generation.py) and the serving replicas (serve/)
+both call `make_llm` and `sampling_params`.
 
 On CPU the engine must run in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the
 multiprocess engine pins cores and cannot take tensors through
@@ -38,13 +38,11 @@ def engine_kwargs(model_path: str, gen_cfg: GenerationConfig, max_model_len: int
       mode (no graph capture to amortise), and an explicit KV-cache size:
       `gpu_memory_utilization` would mean a fraction of a NUMA node's RAM.
     - GPU: the model's dtype, CUDA graphs, the default memory fraction, tensor
-      parallelism, and vLLM's NCCL weight-transfer engine when asked for.
+      parallelism.
     - Both: `processed_logprobs`, so a behaviour log-prob is that of the
       distribution actually sampled (after temperature / top-p), the one the
       PPO ratio needs; vLLM's default is the raw, temperature-unscaled one.
     """
-    if gen_cfg.weight_sync not in ("object_store", "nccl"):
-        raise EngineError(f"generation.weight_sync: unknown mode {gen_cfg.weight_sync!r} (object_store, nccl)")
     kw = dict(model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
               tensor_parallel_size=gen_cfg.tensor_parallel_size)
     if runner == "generate":
@@ -53,12 +51,7 @@ def engine_kwargs(model_path: str, gen_cfg: GenerationConfig, max_model_len: int
         kw["runner"] = runner
     if on_gpu():
         kw["dtype"] = dtype
-        if gen_cfg.weight_sync == "nccl" and runner == "generate":
-            kw["weight_transfer_config"] = {"backend": "nccl"}
     else:
-        if gen_cfg.weight_sync == "nccl":
-            raise EngineError("generation.weight_sync='nccl' needs CUDA GPUs (NCCL); "
-                              "on CPU use generation.weight_sync='object_store'")
         if gen_cfg.tensor_parallel_size != 1:
             raise EngineError("generation.tensor_parallel_size > 1 needs GPUs; use more workers "
                               "(generation.num_workers) on CPU")

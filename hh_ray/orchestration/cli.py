@@ -67,6 +67,27 @@ def _add_collect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default="", help="Bearer key the page's API requires (default: $HH_RAY_API_KEY)")
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The flags of these evaluations, added to `hh-ray eval`'s parser."""
+    g = p.add_argument_group("best-of-n / elo / ood")
+    g.add_argument("--policy", help="policy to sample from (best-of-n: π₀) or read activations of (ood); "
+                                    "default model.policy")
+    g.add_argument("--policies", nargs="+", help="elo: policy folders to rate (default: model.policy and RUN_DIR/policy)")
+    g.add_argument("--num-prompts", type=int, default=32, help="held-out prompts (ood: per set)")
+    g.add_argument("--n-max", type=int, default=16, help="best-of-n: samples per prompt (n = 1, 2, 4, … up to this)")
+    g.add_argument("--helpful", default="synthetic", help="ood: in-distribution comparisons (source)")
+    g.add_argument("--harmful", help="ood: harmful-request comparisons (default data.source)")
+    g.add_argument("--layers", type=int, nargs="+", help="ood: hidden_states indices (default L/4, L/2, 3L/4, L)")
+    g.add_argument("--shots", type=int, nargs="+", help="ood: k harmful examples for the probe (default 1 4 16)")
+    g.add_argument("--ridge", type=float, default=1e-2, help="ood: covariance ridge, × mean unit variance")
+    g = p.add_argument_group("robustness")
+    g.add_argument("--samples-per-prompt", type=int, default=2,
+                   help="robustness: responses per held-out prompt and checkpoint (--num-prompts prompts)")
+    g.add_argument("--gap-threshold", type=float, default=0.5,
+                   help="robustness: the curves part where train-PM gain − test-PM gain exceeds this "
+                        "(PM units, log-odds), or where train rises while test falls")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hh-ray",
@@ -92,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("what", choices=["pm", "best-of-n", "elo", "ood", "robustness"], help="which evaluation")
             p.add_argument("--pm", required=False, help="trained PM folder")
             p.add_argument("--data", help="comparisons to evaluate on (default: the config's data, held-out part)")
-            from hh_ray.eval_commands import add_arguments
-
-            add_arguments(p)
+            _add_eval_args(p)
         _add_config_flags(p)
     return parser
 
@@ -135,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report written to {write_report(args.run, args.out)}")
             return 0
         cfg, run_dir = resolve(args)
+        if args.stage not in ("eval",) or args.what != "pm":  # every stage but these runs on Ray
+            from hh_ray.orchestration.cluster import ensure_ray
+
+            ensure_ray()
         return STAGE_RUNNERS[args.stage](cfg, run_dir, args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"hh-ray {args.stage}: error: {e}", file=sys.stderr)
@@ -151,7 +174,7 @@ def run_train_pm(cfg: Config, run_dir: Path, args) -> int:
 
 def run_eval(cfg: Config, run_dir: Path, args) -> int:
     if args.what != "pm":
-        from hh_ray import eval_commands
+        from hh_ray.orchestration import eval_commands
 
         return eval_commands.run(args.what, cfg, run_dir, args)
     from hh_ray.pm_eval import eval_pm_command
@@ -160,14 +183,14 @@ def run_eval(cfg: Config, run_dir: Path, args) -> int:
 
 
 def run_train_ppo(cfg: Config, run_dir: Path, args) -> int:
-    from hh_ray.controller import train_ppo
+    from hh_ray.orchestration.controller import train_ppo
 
     train_ppo(cfg, run_dir, resume=args.resume)
     return 0
 
 
 def run_demo(cfg: Config, run_dir: Path, args) -> int:
-    from hh_ray.demo import demo
+    from hh_ray.orchestration.demo import demo
 
     return demo(cfg, run_dir, resume=args.resume)
 
@@ -207,7 +230,7 @@ def run_collect(cfg: Config, run_dir: Path, args) -> int:
 
 
 def run_online(cfg: Config, run_dir: Path, args) -> int:
-    from hh_ray.online import online
+    from hh_ray.orchestration.online import online
 
     rounds = online(cfg, run_dir, resume=args.resume)
     print(f"{len(rounds)} round(s) done; per-round metrics in {run_dir}/round-*/summary.json and metrics.jsonl")

@@ -6,29 +6,9 @@ from __future__ import annotations
 import json
 import os
 
+import ray
 
-def worker_env() -> dict[str, str]:
-    """Environment every actor and learner needs, passed through Ray's runtime_env."""
-    keep = ("HH_RAY_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "MALLOC_CONF")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # glibc malloc fragments badly under PyTorch's training churn on CPU (DESIGN.md §3:
-    # 18.8 GB vs 14.5 GB with jemalloc for the same step); Ray ships jemalloc.
-    jemalloc = _ray_jemalloc()
-    if jemalloc and "LD_PRELOAD" not in os.environ:
-        env["LD_PRELOAD"] = jemalloc
-        # Hand freed pages back after 1 s instead of 10 s, from a background thread: a learner's
-        # no-grad pass, its policy step and its critic step then do not hold each other's
-        # peaks (bench_ppo: 11.97 -> 11.78 GiB summed RSS).
-        env.setdefault("MALLOC_CONF", "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0")
-    return env
-
-
-def _ray_jemalloc() -> str | None:
-    import ray
-
-    path = os.path.join(os.path.dirname(ray.__file__), "core", "libjemalloc.so")
-    return path if os.path.exists(path) else None
+from hh_ray.runtime import worker_env
 
 
 def _job_env_vars() -> dict[str, str]:
@@ -40,8 +20,6 @@ def _job_env_vars() -> dict[str, str]:
 
 
 def ensure_ray(num_cpus: int | None = None):
-    import ray
-
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             # Ray refuses to merge a job's runtime env with a driver's that sets
