@@ -2,7 +2,8 @@
 policy version) out, and weight sync from the learner.
 
 A `GenerationWorker` is one Ray actor holding one vLLM engine (in-process on
-CPU, DESIGN.md §3). A `GenerationPool` is the controller's view of N workers:
+CPU: VLLM_ENABLE_V1_MULTIPROCESSING=0, so the engine stays inside the actor's
+CPU share; docs/architecture.md). A `GenerationPool` is the controller's view of N workers:
 it spreads a batch of prompts over them and broadcasts weights to all of them.
 
 Weight sync through the object store: the learner publishes its state dict

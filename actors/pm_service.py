@@ -38,7 +38,7 @@ class PMScorer:
         self.max_len = max_len
         self.micro_batch_size = micro_batch_size
         self.batch_wait = batch_wait_ms / 1000
-        # 'bfloat16': the hf backend's matmuls in bf16. On the demo's trained PM (32 transcripts)
+        # 'bfloat16': the forward's matmuls in bf16. On the demo's trained PM (32 transcripts)
         # scores moved by -0.25 +- 0.22 against fp32 (score std 3.5, correlation 0.9993), and
         # the preferred response of 62 of 64 pairs stayed the same.
         self.autocast = autocast

@@ -116,7 +116,8 @@ def main() -> None:
     from hh_ray.models import load_policy, load_tokenizer, resolve_model
 
     # One thread: on a shared, oversubscribed machine torch's one-thread-per-core default spun
-    # OpenMP threads and took 790 s for one layer's 400 forwards (DESIGN.md §3's PM note, again).
+    # OpenMP threads and took 790 s for one layer's 400 forwards. (Every actor of a run likewise
+    # sets its torch threads to its CPU share: hh_ray.runtime.set_torch_threads.)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     path = resolve_model(args.model)

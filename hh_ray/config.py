@@ -1,9 +1,10 @@
 """Configs for every stage as dataclasses with documented defaults.
 
-Defaults are the paper's values (Bai et al. 2022, DESIGN.md §1) where the paper
-gives one. A run's config is resolved as: dataclass defaults <- YAML file <-
-command-line overrides (`--ppo.kl_coef 0.01` or `ppo.kl_coef=0.01`), and the
-resolved config is saved as `config.yaml` in the run folder.
+Defaults are the paper's values (Bai et al. 2022) where the paper gives one.
+A run's config is resolved as: dataclass defaults <- YAML file <- command-line
+overrides (`--ppo.kl_coef 0.01` or `ppo.kl_coef=0.01`); `load_config` then
+checks the rules between fields (`validate`), and the resolved config is saved
+as `config.yaml` in the run folder.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from hh_ray.estimators import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 
 
 def doc(default: Any, help: str) -> Any:
@@ -78,7 +81,8 @@ class GenerationConfig:
 @dataclass
 class PPOConfig:
     kl_coef: float = doc(0.001, "lambda_KL in r = r_PM - lambda_KL * KL(pi || pi0) (paper: 0.001).")
-    kl_estimator: str = doc("k1", "Per-token KL estimate: 'k1' (log ratio) or 'k3' (unbiased, non-negative).")
+    kl_estimator: str = doc("k1", "Per-token KL estimate in the penalty: 'k1' (log ratio) or 'k3' (unbiased, non-negative); the logged KL is always k1.")
+    advantage_estimator: str = doc("gae", "Advantages from the per-token rewards: 'gae' (generalised advantage estimation with the critic).")
     clip_eps: float = doc(0.2, "PPO clip epsilon (paper: 0.2).")
     value_clip_eps: float = doc(0.2, "Value-function clip range.")
     gamma: float = doc(1.0, "Discount (paper: 1).")
@@ -99,8 +103,7 @@ class PPOConfig:
     iterations: int = doc(10, "RL iterations (rollout batch + update).")
     num_learners: int = doc(1, "Ray Train learner workers (DDP).")
     critic_init: str = doc("pm", "Critic initialisation: 'pm' (paper-style, from the PM) or 'policy'.")
-    mode: str = doc("sync", "'sync' (on-policy) or 'async' (generate v+1 while learning on v).")
-    max_staleness: int = doc(1, "Async: how many versions behind a rollout may be.")
+    mode: str = doc("sync", "'sync' (on-policy) or 'async' (generate batch i+1 with version i while learning on batch i: staleness 1).")
     checkpoint_every: int = doc(5, "Checkpoint every N iterations.")
     eval_prompts: int = doc(32, "Held-out prompts scored at the start and end of the run.")
     max_actor_restarts: int = doc(3, "Times a dead generation worker or PM service is replaced (current weights reloaded, the iteration's prompts regenerated) before the run stops.")
@@ -189,7 +192,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "pm.strategy": ("ddp", "fsdp"),
     "generation.weight_sync": ("object_store",),
-    "ppo.kl_estimator": ("k1", "k3"),
+    "ppo.kl_estimator": tuple(KL_ESTIMATORS),
+    "ppo.advantage_estimator": tuple(ADVANTAGE_ESTIMATORS),
     "ppo.loss_agg": ("token_mean", "seq_mean"),
     "ppo.lr_schedule": ("constant", "linear", "cosine"),
     "ppo.critic_init": ("pm", "policy"),
@@ -323,7 +327,47 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             set_value(cfg, k, v, where=str(path))
     for k, v in (overrides or {}).items():
         set_value(cfg, k, v)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        # Say where the config came from; the message itself names the fields.
+        where = f"{path}{' with overrides' if overrides else ''}: " if path else ""
+        raise ConfigError(f"{where}{e}") from None
     return cfg
+
+
+def _check_batch_split(cfg: Config, section: str) -> None:
+    """A learner section's batch must cut evenly into workers × micro-batches."""
+    s = getattr(cfg, section)
+    per_step = s.num_workers * s.grad_accum
+    if s.batch_size % per_step:
+        raise ConfigError(f"{section}.batch_size={s.batch_size} must be a multiple of "
+                          f"{section}.num_workers × {section}.grad_accum = {per_step}")
+
+
+def _check_ppo(cfg: Config) -> None:
+    """Every learner takes an equal share of each rollout batch and minibatch, and
+    every response needs room for its prompt."""
+    p, n = cfg.ppo, cfg.ppo.num_learners
+    if p.rollout_batch_size % n or p.minibatch_size % n:
+        raise ConfigError(f"ppo.rollout_batch_size ({p.rollout_batch_size}) and ppo.minibatch_size "
+                          f"({p.minibatch_size}) must both divide by ppo.num_learners ({n})")
+    if p.rollout_batch_size % p.minibatch_size:
+        raise ConfigError(f"ppo.rollout_batch_size ({p.rollout_batch_size}) must divide by "
+                          f"ppo.minibatch_size ({p.minibatch_size})")
+    if cfg.generation.max_new_tokens >= cfg.model.max_seq_len:
+        raise ConfigError(f"generation.max_new_tokens ({cfg.generation.max_new_tokens}) leaves no room for a "
+                          f"prompt within model.max_seq_len ({cfg.model.max_seq_len})")
+
+
+def validate(cfg: Config) -> None:
+    """The rules between fields that need no data or model, checked once as a config is
+    loaded, so a bad combination stops the command before it starts anything. Single
+    values are checked as they are set (CHOICES, RANGES); what needs the data (e.g. a
+    dataset too small for one step) is checked by the stage that reads it."""
+    for section in ("pm", "sft", "distill"):
+        _check_batch_split(cfg, section)
+    _check_ppo(cfg)
 
 
 def to_dict(cfg: Config) -> dict:

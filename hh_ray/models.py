@@ -5,8 +5,9 @@ that `from_pretrained` and vLLM load as they are.
 
 The PM follows the paper: an end-of-context token is appended to every
 transcript and the score is read at that token. The PM gets a pad token of its
-own, so HF's "last non-pad token" is always the end-of-context token (see
-DESIGN.md §3 for the SmolLM2 pad pitfall). The critic has the PM's shape
+own, so HF's "last non-pad token" is always the end-of-context token
+(SmolLM2's pad token is its end-of-turn token, so with the backbone's pad the
+score would be read at the wrong place). The critic has the PM's shape
 (backbone + `score` head) but reads a value at every token.
 """
 

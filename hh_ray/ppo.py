@@ -15,9 +15,12 @@ Loss aggregation:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from hh_ray.estimators import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, lookup
 
 
 # ---------------------------------------------------------------- log-probs
@@ -88,20 +91,12 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: 
     return logp, place(entropy_from_logits((logits if entropy_grad else logits.detach())[None])[0])
 
 
-# ---------------------------------------------------------------- reward
+# ---------------------------------------------------------------- reward and advantages
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi0) from samples of pi.
-
-    k1 = log pi - log pi0 (unbiased, can be negative per token);
-    k3 = (r - 1) - log r with r = pi0/pi (unbiased, never negative, lower variance).
-    """
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"ppo.kl_estimator: unknown estimator {estimator!r} (k1, k3)")
+    """Per-token estimate of KL(pi || pi0) from samples of pi, by a registered estimator
+    (hh_ray/estimators.py: k1 = log pi - log pi0, k3 = (r - 1) - log r with r = pi0/pi)."""
+    return lookup(KL_ESTIMATORS, estimator, "ppo.kl_estimator")(logp, ref_logp)
 
 
 def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -117,26 +112,6 @@ def rewards(pm_score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coe
     return (-kl_coef * kl + pm_score[:, None] * last_token_mask(mask)) * mask
 
 
-# ---------------------------------------------------------------- advantages
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-        gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the response tokens; the episode ends
-    after the last one (its next value is 0). Returns (advantages, returns)."""
-    mask = mask.to(values.dtype)
-    adv = torch.zeros_like(values)
-    last_gae = torch.zeros_like(values[:, 0])
-    next_value = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        g = delta + gamma * lam * last_gae
-        adv[:, t] = g * m
-        last_gae = torch.where(m > 0, g, last_gae)
-        next_value = torch.where(m > 0, values[:, t], next_value)
-    return adv, (adv + values) * mask
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, agg: str = "token_mean") -> torch.Tensor:
     mask = mask.to(x.dtype)
     if agg == "token_mean":
@@ -147,11 +122,59 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, agg: str = "token_mean") ->
     raise ValueError(f"ppo.loss_agg: unknown aggregation {agg!r} (token_mean, seq_mean)")
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance over the masked entries (masked-out entries become 0)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+def whiten(x: torch.Tensor, mask: torch.Tensor, all_reduce_sum=None, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries (masked-out entries become 0).
+
+    `all_reduce_sum(tensor) -> tensor` sums the statistics over data-parallel ranks,
+    so every rank whitens by the whole batch's mean and std, not its shard's."""
+    m = mask.to(torch.float64)
+    x64 = x.to(torch.float64)
+    sums = torch.stack([(x64 * m).sum(), (x64 * x64 * m).sum(), m.sum()])
+    if all_reduce_sum is not None:
+        sums = all_reduce_sum(sums)
+    mean = sums[0] / sums[2].clamp(min=1)
+    std = (sums[1] / sums[2].clamp(min=1) - mean ** 2).clamp(min=1e-12).sqrt()
+    return ((x64 - mean) / (std + eps)).to(x.dtype) * mask
+
+
+@dataclass
+class Experience:
+    """What one scored batch teaches, per token ([B, T]) and per response ([B])."""
+    kl: torch.Tensor            # the penalty's per-token KL estimate (ppo.kl_estimator)
+    rewards: torch.Tensor       # -lambda_KL * kl, plus r_PM on the last response token
+    advantages: torch.Tensor    # whitened when asked
+    returns: torch.Tensor       # advantages (before whitening) + values: the critic's targets
+    kl_k1: torch.Tensor         # [B] sum over the response of log pi - log pi0: the logged KL
+    reward_total: torch.Tensor  # [B] the return the policy maximises: r_PM - lambda_KL * sum(kl)
+
+
+def make_experience(pm_score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "k1",
+                    advantage_estimator: str = "gae", gamma: float = 1.0, lam: float = 0.95,
+                    whiten_advantages: bool = True, all_reduce_sum=None) -> Experience:
+    """The paper's RL step for one scored batch (Bai et al. 2022, §4.1):
+    per-token KL against pi0, reward r = r_PM - lambda_KL * KL with r_PM on the last
+    response token, advantages (GAE by default), and whitening over the whole batch.
+
+    `logp` are the sampling policy's log-probs of the response tokens, `ref_logp`
+    pi0's, `values` the critic's V(s_t) ([B, T], 0 outside the response). The logged
+    KL is always k1 on the sampled tokens, whichever estimator the penalty uses, so
+    the sqrt(KL) axis of every plot means the same thing."""
+    mask = mask.to(values.dtype)
+    kl = kl_penalty(logp, ref_logp, kl_estimator) * mask
+    r = rewards(pm_score, kl, mask, kl_coef)
+    estimate = lookup(ADVANTAGE_ESTIMATORS, advantage_estimator, "ppo.advantage_estimator")
+    adv, returns = estimate(r, values * mask, mask, gamma, lam)
+    if whiten_advantages:
+        adv = whiten(adv, mask, all_reduce_sum)
+    return Experience(kl=kl, rewards=r, advantages=adv, returns=returns,
+                      kl_k1=((logp - ref_logp) * mask).sum(1), reward_total=r.sum(1))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (hh_ray/estimators.py), under its usual name."""
+    return ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, gamma, lam)
 
 
 # ---------------------------------------------------------------- losses

@@ -13,40 +13,44 @@ for its share of the examples, and stored in RUN/teacher_cache (the paper
 stored them too); a resumed run reuses them. `distill.teacher=online` keeps a
 frozen teacher copy instead and recomputes targets every step.
 
-Everything else follows learners/pm_learner.py and shares its helpers and
-learners/group.py (trainer, fit with metrics, checkpoint guard): data
-order is a pure function of (seed, epoch), checkpoints are safetensors + JSON
-holding the position, metrics go to the driver through a Queue. The loss is
-the mean over every trained token of the global batch, whatever the split.
+Everything else follows learners/pm_learner.py and shares its data order,
+position and checkpoints, learners/kit.py (gradient accumulation, reductions,
+clip and step, the one checkpoint format) and learners/group.py (trainer, fit
+with metrics, checkpoint guard): data order is a pure function of (seed,
+epoch), checkpoints in run_dir/checkpoints/step-N hold the position, metrics
+go to the driver through a Queue. The loss is the mean over every trained
+token of the global batch, whatever the split.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from hh_ray.checkpoint import latest_checkpoint, read_state
+from hh_ray.config import Config
 from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, loss_mask, loss_tokens,
                             next_token_logp, pad_rows, prompt_kv, read_prompt, save_shard, sft_example,
                             stack_targets, teacher_rows, token_nll, topk_kl, write_meta)
-from learners.group import adamw, checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer
-from learners.pm_learner import (MAX_GRAD_NORM, _all_reduce, _checkpoint, chain_digest, epoch_order, restore, step_ids,
+from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer
+from learners.kit import adamw, all_reduce_sum, clip_and_step, no_sync_unless, restore_checkpoint, unwrap
+from learners.pm_learner import (MAX_GRAD_NORM, chain_digest, checkpoint, epoch_order, resume_point, step_ids,
                                  steps_per_epoch, worker_micro_batches)
 
 STAGES = ("distill", "sft")
 TEACHER_CACHE = "teacher_cache"
+EVAL_METRIC = {"distill": "heldout_kl", "sft": "heldout_loss"}  # held-out metric, before and after
+LOSS_NAME = {"distill": "kl", "sft": "loss"}  # training metric per step
 
 
 # ---------------------------------------------------------------- one loss for both stages
-
-def _unwrap(model):
-    return getattr(model, "module", model)
-
 
 def batch_loss(model, examples: list[dict], ex_ids: list[int], pad_id: int, targets, device) -> tuple:
     """(summed per-token loss, trained tokens) of one micro-batch.
@@ -68,37 +72,52 @@ def batch_loss(model, examples: list[dict], ex_ids: list[int], pad_id: int, targ
 @torch.no_grad()
 def evaluate(model, examples, ex_ids, pad_id, targets, micro, rank, world, device) -> float:
     """Mean per-token loss over ex_ids, split across workers (unwrapped model: no DDP collectives)."""
-    model = _unwrap(model).eval()
+    model = unwrap(model).eval()
     total, tokens = 0.0, 0.0
     mine = ex_ids[rank::world]
     for i in range(0, len(mine), micro):
         s, n = batch_loss(model, examples, mine[i: i + micro], pad_id, targets, device)
         total, tokens = total + s.item(), tokens + n.item()
     model.train()
-    total, tokens = _all_reduce([total, tokens])
+    total, tokens = all_reduce_sum([total, tokens])
     return total / max(tokens, 1.0)
 
 
 def train_step(model, opt, examples, micro_batches, pad_id, targets, global_tokens, world, device) -> float:
     """One optimizer step on this worker's micro-batches; returns this worker's summed token loss."""
-    opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for k, ex_ids in enumerate(micro_batches):
-        sync = k == len(micro_batches) - 1 or not hasattr(model, "no_sync")  # all-reduce once per step
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with no_sync_unless(model, sync=k == len(micro_batches) - 1):  # all-reduce once per step
             s, _ = batch_loss(model, examples, ex_ids, pad_id, targets, device)
             # DDP averages gradients over workers: scaling by world / global tokens
             # makes the step's gradient that of the mean over all trained tokens.
             (s * world / global_tokens).backward()
         loss_sum += s.item()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-    opt.step()
+    clip_and_step(model, opt, MAX_GRAD_NORM)
     return loss_sum
 
 
 # ---------------------------------------------------------------- teacher targets
 
-def cached_teacher(model, config, examples, rank, world, queue) -> dict:
+@dataclass
+class Worker:
+    """One worker's place in the group and what its loop reads everywhere."""
+    cfg: Config
+    stage: str  # "distill" or "sft"
+    rank: int
+    world: int
+    device: torch.device
+    pad_id: int
+    micro: int  # sequences per forward pass: a worker's share of a step's micro-batch
+    queue: Any  # metrics to the driver (ray.util.queue.Queue)
+
+    @property
+    def settings(self):
+        """cfg.distill or cfg.sft."""
+        return getattr(self.cfg, self.stage)
+
+
+def cached_teacher(model, config: dict, examples, w: Worker) -> dict:
     """Compute this worker's share of the teacher cache (unless the driver found it valid), then load all of it."""
     import torch.distributed as dist
 
@@ -106,116 +125,116 @@ def cached_teacher(model, config, examples, rank, world, queue) -> dict:
     if not config["teacher_cache_valid"]:
         t0 = time.perf_counter()
         kv = prompt_kv(model, config["prompt_ids"])
-        mine = list(range(rank, len(examples), world))
+        mine = list(range(w.rank, len(examples), w.world))
         rows = []
-        for i in range(0, len(mine), config["micro"]):
-            rows += teacher_rows(model, kv, [examples[j] for j in mine[i: i + config["micro"]]],
-                                 config["pad_id"], config["top_k"])
-        save_shard(folder, rank, mine, rows)
+        for i in range(0, len(mine), w.micro):
+            rows += teacher_rows(model, kv, [examples[j] for j in mine[i: i + w.micro]], w.pad_id, w.cfg.distill.top_k)
+        save_shard(folder, w.rank, mine, rows)
         seconds = time.perf_counter() - t0
-        if dist.is_initialized() and world > 1:
+        if dist.is_initialized() and w.world > 1:
             dist.barrier()
-        if rank == 0:
-            write_meta(folder, config["cache_meta"], world)  # last: marks the cache complete
-            queue.put({"event": "teacher", "sequences": len(examples), "seconds_rank0": seconds,
-                       "tokens": sum(len(e["ids"]) - 1 for e in examples)})
-        if dist.is_initialized() and world > 1:
+        if w.rank == 0:
+            write_meta(folder, config["cache_meta"], w.world)  # last: marks the cache complete
+            w.queue.put({"event": "teacher", "sequences": len(examples), "seconds_rank0": seconds,
+                         "tokens": sum(len(e["ids"]) - 1 for e in examples)})
+        if dist.is_initialized() and w.world > 1:
             dist.barrier()
-    cache = load_cache(folder)
-    return cache
+    return load_cache(folder)
 
 
-def make_targets(model, config, examples, rank, world, queue):
+def make_targets(model, config: dict, examples, w: Worker):
     """targets(ex_ids, width) for distillation, None for SFT."""
-    if config["stage"] == "sft":
+    if w.stage == "sft":
         return None
-    if config["teacher"] == "online":
+    if w.cfg.distill.teacher == "online":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)  # frozen before any update
         kv = prompt_kv(teacher, config["prompt_ids"])
         return lambda ex_ids, width: stack_targets(
-            teacher_rows(teacher, kv, [examples[i] for i in ex_ids], config["pad_id"], config["top_k"]), width)
-    cache = cached_teacher(model, config, examples, rank, world, queue)
+            teacher_rows(teacher, kv, [examples[i] for i in ex_ids], w.pad_id, w.cfg.distill.top_k), width)
+    cache = cached_teacher(model, config, examples, w)
     return lambda ex_ids, width: stack_targets([cache[i] for i in ex_ids], width)
 
 
 # ---------------------------------------------------------------- the learner (one per Ray Train worker)
 
+def train_epochs(model, opt, examples, n_train: int, targets, pos: dict, config: dict, w: Worker) -> bool:
+    """Train from pos (updated in place) to the last epoch; True when stop_after_steps stopped it."""
+    s, root, stop_after = w.settings, Path(config["checkpoint_root"]), config["stop_after_steps"]
+    n_steps = steps_per_epoch(n_train, s.batch_size, w.world * s.grad_accum)
+    for epoch in range(pos["epoch"], s.epochs):
+        order = epoch_order(n_train, w.cfg.seed, 0, epoch)
+        for step in range(pos["step_in_epoch"], n_steps):
+            ids = step_ids(order, step, s.batch_size)
+            t0 = time.perf_counter()
+            # Every worker knows the whole step's token count: no collective needed to normalise.
+            global_tokens = sum(loss_tokens(examples[i]) for i in ids)
+            loss_sum = train_step(model, opt, examples, worker_micro_batches(ids, w.rank, w.world, s.grad_accum),
+                                  w.pad_id, targets, global_tokens, w.world, w.device)
+            (loss_sum,) = all_reduce_sum([loss_sum])
+            dt = time.perf_counter() - t0
+            pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
+                       examples_seen=pos["examples_seen"] + len(ids), seen_digest=chain_digest(pos["seen_digest"], ids))
+            if w.rank == 0:
+                w.queue.put({"event": "step", "global_step": pos["global_step"], "epoch": epoch,
+                             LOSS_NAME[w.stage]: loss_sum / global_tokens, "tokens": global_tokens,
+                             "batch_sequences": len(ids), "sequences_per_s": len(ids) / dt, "lr": s.lr,
+                             "examples_seen": pos["examples_seen"], "seen_digest": pos["seen_digest"]})
+            stopping = stop_after is not None and pos["global_step"] >= stop_after
+            if stopping or pos["global_step"] % s.checkpoint_every == 0:
+                checkpoint(root, model, opt, pos, w.rank)
+            if stopping:
+                return True
+        pos.update(step_in_epoch=0, epoch=epoch + 1)
+    return False
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: teacher targets, the epochs from the resume point, then rank 0 saves the policy.
+    config: {"cfg": Config, "stage", "data": [ObjectRef], "prompt_ids", "init_path", "teacher_cache",
+    "teacher_cache_valid", "cache_meta", "checkpoint_root", "policy_dir", "metrics_queue", "stop_after_steps"}."""
     import ray
     import ray.train
     import ray.train.torch
 
     from hh_ray.models import load_policy, load_tokenizer, save_model
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config["seed"])
-    model, tok = load_policy(config["init_path"], config["dtype"]), load_tokenizer(config["init_path"])
-    model.to(device)  # the teacher pass below runs before prepare_model would move it (GPU)
+    cfg, ctx = config["cfg"], ray.train.get_context()
+    torch.manual_seed(cfg.seed)
+    model, tok = load_policy(config["init_path"], cfg.model.dtype), load_tokenizer(config["init_path"])
+    s = getattr(cfg, config["stage"])
+    w = Worker(cfg, config["stage"], ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+               tok.pad_token_id, s.batch_size // (ctx.get_world_size() * s.grad_accum), config["metrics_queue"])
+    model.to(w.device)  # the teacher pass below runs before prepare_model would move it (GPU)
     data = ray.get(config["data"][0])  # wrapped in a list so Ray does not resolve it on the way
     examples, n_train = data["train"] + data["held_out"], len(data["train"])
     held_out = list(range(n_train, len(examples)))
-    queue, pad_id, micro = config["metrics_queue"], config["pad_id"], config["micro"]
 
     # The teacher is the *initial* model: targets come before any checkpoint is loaded.
-    targets = make_targets(model, config, examples, rank, world, queue)
+    targets = make_targets(model, config, examples, w)
     model.config.use_cache = False  # the student never decodes; no key/value copies
-    if config["gradient_checkpointing"]:
+    if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-
-    optim_sd, pos = restore(model, config["resume_from"])
+    resume, pos = resume_point(Path(config["checkpoint_root"]))
 
     def report_eval(when: str) -> None:
         if held_out:
-            value = evaluate(model, examples, held_out, pad_id, targets, micro, rank, world, device)
-            if rank == 0:
-                queue.put({"event": "eval", "when": when, "global_step": pos["global_step"],
-                           config["eval_metric"]: value, "sequences": len(held_out)})
+            value = evaluate(model, examples, held_out, w.pad_id, targets, w.micro, w.rank, w.world, w.device)
+            if w.rank == 0:
+                w.queue.put({"event": "eval", "when": when, "global_step": pos["global_step"],
+                             EVAL_METRIC[w.stage]: value, "sequences": len(held_out)})
 
-    if pos["global_step"] == 0:
+    if resume is None:
         report_eval("before")
     model = ray.train.torch.prepare_model(model)
-    opt = adamw(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    if optim_sd is not None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        from learners.pm_learner import _state_dict_options
-
-        set_optimizer_state_dict(model, opt, optim_sd, options=_state_dict_options())
-
-    batch_size, grad_accum, stop_after = config["batch_size"], config["grad_accum"], config["stop_after_steps"]
-    n_steps = steps_per_epoch(n_train, batch_size, world * grad_accum)
-    for epoch in range(pos["epoch"], config["epochs"]):
-        order = epoch_order(n_train, config["seed"], 0, epoch)
-        for step in range(pos["step_in_epoch"], n_steps):
-            ids = step_ids(order, step, batch_size)
-            t0 = time.perf_counter()
-            # Every worker knows the whole step's token count: no collective needed to normalise.
-            global_tokens = sum(loss_tokens(examples[i]) for i in ids)
-            loss_sum = train_step(model, opt, examples, worker_micro_batches(ids, rank, world, grad_accum),
-                                  pad_id, targets, global_tokens, world, device)
-            (loss_sum,) = _all_reduce([loss_sum])
-            dt = time.perf_counter() - t0
-            pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
-                       examples_seen=pos["examples_seen"] + len(ids), seen_digest=chain_digest(pos["seen_digest"], ids))
-            metrics = {"event": "step", "global_step": pos["global_step"], "epoch": epoch,
-                       config["loss_name"]: loss_sum / global_tokens, "tokens": global_tokens,
-                       "batch_sequences": len(ids), "sequences_per_s": len(ids) / dt, "lr": config["lr"],
-                       "examples_seen": pos["examples_seen"], "seen_digest": pos["seen_digest"]}
-            if rank == 0:
-                queue.put(metrics)
-            stopping = stop_after is not None and pos["global_step"] >= stop_after
-            if stopping or pos["global_step"] % config["checkpoint_every"] == 0:
-                _checkpoint(metrics, model, opt, pos, rank)
-            if stopping:
-                return
-        pos.update(step_in_epoch=0, epoch=epoch + 1)
-
+    opt = adamw(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    if resume is not None:
+        restore_checkpoint(resume, {"model": model}, {"model": opt})
+    if train_epochs(model, opt, examples, n_train, targets, pos, config, w):
+        return
     report_eval("after")
-    if rank == 0:
-        save_model(_unwrap(model), tok, config["policy_dir"])
-        queue.put({"event": "done", "global_step": pos["global_step"], "examples_seen": pos["examples_seen"]})
+    if w.rank == 0:
+        save_model(unwrap(model), tok, config["policy_dir"])
+        w.queue.put({"event": "done", "global_step": pos["global_step"], "examples_seen": pos["examples_seen"]})
 
 
 # ---------------------------------------------------------------- the driver: data, checks, fit
@@ -256,18 +275,17 @@ def sft_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]:
 
 
 def check_settings(cfg, stage: str, s, n_train: int, prompt_ids: list[int], init_path: str) -> None:
+    """What the config alone cannot tell (hh_ray.config checked the rest as it loaded):
+    that the data makes an optimizer step, and that the teacher's input fits the model."""
     from transformers import AutoConfig
 
     from hh_ray.data import DataError
 
     per_step = s.num_workers * s.grad_accum
-    if s.batch_size % per_step:
-        raise ValueError(f"{stage}.batch_size={s.batch_size} must be a multiple of "
-                         f"{stage}.num_workers × {stage}.grad_accum = {per_step}")
     if steps_per_epoch(n_train, s.batch_size, per_step) == 0:
         raise DataError(f"{stage}: {n_train} training sequences make no optimizer step of {per_step}+; "
                         f"lower {stage}.batch_size or add data")
-    if stage == "distill":  # distill.teacher and the counts are checked as the config is read (hh_ray.config)
+    if stage == "distill":
         positions = getattr(AutoConfig.from_pretrained(init_path), "max_position_embeddings", None)
         if positions and len(prompt_ids) + cfg.model.max_seq_len > positions:
             raise ValueError(f"the teacher reads {len(prompt_ids)} prompt + {cfg.model.max_seq_len} text tokens, more "
@@ -275,61 +293,24 @@ def check_settings(cfg, stage: str, s, n_train: int, prompt_ids: list[int], init
                              "model.max_seq_len lower")
 
 
-def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after_steps: int | None = None) -> Path:
-    """`hh-ray distill` / `hh-ray sft`: train, evaluate before/after on held-out text, write RUN/policy.
+def prepare_teacher_cache(cfg, stage: str, run_dir: Path, init_path: str, prompt_ids, examples) -> tuple:
+    """(cache folder, its expected meta or None, whether it is valid): a cache from another
+    corpus, prompt or model is deleted, so workers recompute it."""
+    folder = run_dir / TEACHER_CACHE
+    if stage != "distill" or cfg.distill.teacher != "cached":
+        return folder, None, False
+    meta = cache_meta(init_path, prompt_ids, cfg.distill.top_k, examples)
+    valid = cache_is_valid(folder, meta)
+    if not valid:
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder, meta, valid
 
-    Returns run_dir/policy, or — when stop_after_steps stops it early — the
-    checkpoint it wrote, which resume=True continues from.
-    """
-    from ray.util.queue import Queue
+
+def fit_with_progress(trainer, queue, tracker, stage: str, total: int, start: int) -> tuple[dict, dict]:
+    """Run the fit, logging each worker message and advancing a progress bar;
+    returns ({"before"/"after": held-out metric}, the "done" message or {})."""
     from tqdm import tqdm
 
-    from hh_ray.models import load_tokenizer, resolve_model
-    from hh_ray.tracking import Tracker
-
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
-    s = getattr(cfg, stage)
-    run_dir = Path(run_dir).resolve()
-    ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
-
-    init_path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
-    tok = load_tokenizer(init_path)
-    train, held_out, prompt_ids, info = (distill_examples if stage == "distill" else sft_examples)(cfg, tok)
-    if s.eval_texts:
-        held_out = held_out[: s.eval_texts]
-    check_settings(cfg, stage, s, len(train), prompt_ids, init_path)
-    micro = s.batch_size // (s.num_workers * s.grad_accum)
-
-    teacher_cache, meta, valid = run_dir / TEACHER_CACHE, None, False
-    if stage == "distill" and cfg.distill.teacher == "cached":
-        meta = cache_meta(init_path, prompt_ids, cfg.distill.top_k, train + held_out)
-        valid = cache_is_valid(teacher_cache, meta)
-        if not valid:
-            shutil.rmtree(teacher_cache, ignore_errors=True)  # stale shards from another corpus or prompt
-    print(f"{stage}: {len(train)} training and {len(held_out)} held-out sequences from {init_path}; {info}"
-          + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))
-
-    import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
-
-    tracker = Tracker(run_dir, cfg, stage=stage)
-    tracker.log(0, {"train_sequences": len(train), "held_out_sequences": len(held_out), **info}, stage=f"{stage}_data")
-    eval_metric = "heldout_kl" if stage == "distill" else "heldout_loss"
-    queue = Queue()
-    trainer = learner_trainer(
-        train_loop_per_worker, num_workers=s.num_workers, ckpt_root=ckpt_root, config={
-            "stage": stage, "data": [ray.put({"train": train, "held_out": held_out})], "prompt_ids": prompt_ids,
-            "init_path": init_path, "dtype": cfg.model.dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "seed": cfg.seed, "epochs": s.epochs, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
-            "micro": micro, "lr": s.lr, "weight_decay": s.weight_decay, "checkpoint_every": s.checkpoint_every,
-            "pad_id": tok.pad_token_id, "top_k": cfg.distill.top_k, "teacher": cfg.distill.teacher,
-            "teacher_cache": str(teacher_cache), "teacher_cache_valid": valid, "cache_meta": meta,
-            "eval_metric": eval_metric, "loss_name": "kl" if stage == "distill" else "loss",
-            "stop_after_steps": stop_after_steps, "policy_dir": str(run_dir / "policy"), "metrics_queue": queue,
-            "resume_from": str(latest) if latest else None})
-
-    total = s.epochs * min(len(train), s.batch_size * steps_per_epoch(len(train), s.batch_size, s.num_workers * s.grad_accum))
-    start = json.loads((latest / "state.json").read_text())["examples_seen"] if latest else 0
     bar = tqdm(total=total, initial=start, unit="seq", desc=stage, dynamic_ncols=True)
     evals, done = {}, {}
 
@@ -340,7 +321,7 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
             bar.set_postfix({k: f"{m[k]:.3f}" for k in ("kl", "loss") if k in m})
             tracker.log(step, m, stage=stage)
         elif event == "eval":
-            evals[m["when"]] = m[eval_metric]
+            evals[m["when"]] = m[EVAL_METRIC[stage]]
             tracker.log(step, m, stage=f"{stage}_eval")
         elif event == "teacher":
             # Workers compute their shares side by side: rank 0's time is the wall time.
@@ -353,6 +334,51 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
         fit_and_log(trainer, queue, on_message)
     finally:
         bar.close()
+    return evals, done
+
+
+def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after_steps: int | None = None) -> Path:
+    """`hh-ray distill` / `hh-ray sft`: train, evaluate before/after on held-out text, write RUN/policy.
+
+    Returns run_dir/policy, or — when stop_after_steps stops it early — the
+    checkpoint it wrote, which resume=True continues from.
+    """
+    from ray.util.queue import Queue
+
+    from hh_ray.models import load_tokenizer, resolve_model
+    from hh_ray.tracking import Tracker
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    s = getattr(cfg, stage)
+    run_dir = Path(run_dir).resolve()
+    ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
+
+    init_path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
+    train, held_out, prompt_ids, info = (distill_examples if stage == "distill" else sft_examples)(
+        cfg, load_tokenizer(init_path))
+    if s.eval_texts:
+        held_out = held_out[: s.eval_texts]
+    check_settings(cfg, stage, s, len(train), prompt_ids, init_path)
+    teacher_cache, meta, valid = prepare_teacher_cache(cfg, stage, run_dir, init_path, prompt_ids, train + held_out)
+    print(f"{stage}: {len(train)} training and {len(held_out)} held-out sequences from {init_path}; {info}"
+          + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))
+
+    import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
+
+    tracker = Tracker(run_dir, cfg, stage=stage)
+    tracker.log(0, {"train_sequences": len(train), "held_out_sequences": len(held_out), **info}, stage=f"{stage}_data")
+    queue = Queue()
+    trainer = learner_trainer(
+        train_loop_per_worker, num_workers=s.num_workers, ckpt_root=ckpt_root, config={
+            "cfg": cfg, "stage": stage, "data": [ray.put({"train": train, "held_out": held_out})],
+            "prompt_ids": prompt_ids, "init_path": init_path, "teacher_cache": str(teacher_cache),
+            "teacher_cache_valid": valid, "cache_meta": meta, "checkpoint_root": str(ckpt_root),
+            "policy_dir": str(run_dir / "policy"), "metrics_queue": queue, "stop_after_steps": stop_after_steps})
+    total = s.epochs * min(len(train), s.batch_size * steps_per_epoch(len(train), s.batch_size, s.num_workers * s.grad_accum))
+    evals, done = fit_with_progress(trainer, queue, tracker, stage, total,
+                                    read_state(latest)["examples_seen"] if latest else 0)
+    eval_metric = EVAL_METRIC[stage]
     summary = {f"{eval_metric}_{k}": v for k, v in evals.items()}
     tracker.summary(summary)
     tracker.close()

@@ -10,34 +10,38 @@ needs the *position* (stage, epoch, step) to resume exactly: the same pairs
 are never seen twice and none are skipped. A running digest of every trained
 pair id proves it (`seen_digest` in metrics.jsonl).
 
-Checkpoints (every `pm.checkpoint_every` optimizer steps) are plain files:
-model.safetensors, optimizer.safetensors + optimizer.json, state.json. Ray
-Train persists them under run_dir/checkpoints/<attempt>/step_N; on a
-multi-node cluster run_dir must be on shared storage (as for the final PM).
+Checkpoints (every `pm.checkpoint_every` optimizer steps) are the project's
+one format (hh_ray.checkpoint), written by learners.kit into
+run_dir/checkpoints/step-N: model.safetensors, model.optimizer.safetensors +
+model.optimizer.json, state.json (the position). Every worker starts from the
+newest one there: the --resume checkpoint, or after a worker-group restart the
+newest this run wrote. On a multi-node cluster run_dir must be on shared
+storage (as for the final PM).
 
 Metrics travel from rank 0 through a `ray.util.queue.Queue` to the driver's
-Tracker and progress bar. Not through `ray.train.report`: Ray Train V2 keeps no
-metrics without a checkpoint (DESIGN.md §3), and each report is a barrier that
-cost ~2 s here, 10× a tiny-model step; reports carry checkpoints only.
+Tracker and progress bar, not through `ray.train.report`: Ray Train V2 keeps
+no metrics without a checkpoint, and each report is a barrier that cost ~2 s
+here, 10× a tiny-model step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from hh_ray.checkpoint import latest_checkpoint, prune_checkpoints, read_state
 from hh_ray.data import DataError, load_comparisons
-from learners.group import adamw, checkpoint_to_resume, fit_and_log, latest_checkpoint, learner_trainer  # noqa: F401 (latest_checkpoint re-exported)
+from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer
+from learners.kit import (adamw, all_reduce_sum, clip_and_step, full_model_state, no_sync_unless,
+                          restore_checkpoint, save_checkpoint)
 
 MAX_GRAD_NORM = 1.0  # clipping keeps the tiny test model's high LR stable; harmless at paper LRs
+KEEP_CHECKPOINTS = 2  # runs resume from the newest; the one before is a spare (Ray Train kept 2 before too)
 
 
 # ---------------------------------------------------------------- data order (pure)
@@ -73,94 +77,44 @@ def chain_digest(previous: str, ids: list[int]) -> str:
     return hashlib.sha256((previous + ":" + ",".join(map(str, ids))).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- checkpoints (safetensors + JSON)
-
-def _state_dict_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # Full (unsharded) tensors gathered on rank 0 on the CPU: the same files
-    # whether DDP or FSDP wrote them, and flat names safetensors can hold.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def optimizer_to_files(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors as "<param name>/<key>", the JSON-able rest) of a full optimizer state dict keyed by names."""
-    tensors, scalars = {}, {}
-    for name, state in optim_sd["state"].items():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{name}/{k}"] = v.detach().cpu().contiguous().clone()
-            else:
-                scalars[f"{name}/{k}"] = v
-    return tensors, {"param_groups": optim_sd["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[str, dict] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        name, k = key.rsplit("/", 1)
-        state.setdefault(name, {})[k] = v
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def write_checkpoint(folder: Path, model_sd: dict, optim_sd: dict, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_sd.items()}, str(folder / "model.safetensors"))
-    tensors, meta = optimizer_to_files(optim_sd)
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "optimizer.json").write_text(json.dumps(meta))
-    # state.json last: a folder without it is an unfinished save.
-    (folder / "state.json").write_text(json.dumps(state, indent=1))
-
-
-def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
-    """(model tensors, flat optimizer state, training state) of a checkpoint folder."""
-    from safetensors.torch import load_file
-
-    optim = optimizer_from_files(load_file(str(folder / "optimizer.safetensors")),
-                                 json.loads((folder / "optimizer.json").read_text()))
-    return (load_file(str(folder / "model.safetensors")), optim,
-            json.loads((folder / "state.json").read_text()))
-
-
-# ---------------------------------------------------------------- the learner (one per Ray Train worker)
+# ---------------------------------------------------------------- position and checkpoints (shared with distillation)
 
 def fresh_position() -> dict:
     return {"stage": 0, "epoch": 0, "step_in_epoch": 0, "global_step": 0, "examples_seen": 0,
             "seen_digest": "", "optimizer_stage": -1, "done": False}
 
 
-def restore(model, resume_from: str | None) -> tuple[dict | None, dict]:
-    """Load the checkpoint this worker should start from into `model`: Ray's own
-    after a worker-group restart within this fit(), else the one --resume named
-    (Ray Train V2 deprecates resume_from_checkpoint). Returns (optimizer state
-    or None, data position)."""
-    import ray.train
+def resume_point(root: Path) -> tuple[Path | None, dict]:
+    """(checkpoint to restore or None, data position) for a worker starting up.
 
-    ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt else contextlib.nullcontext(resume_from) as d:
-        if not d:
-            return None, fresh_position()
-        model_sd, optim_sd, pos = read_checkpoint(Path(d))
-        model.load_state_dict(model_sd)
-        return optim_sd, pos
+    The newest checkpoint under root is the one to continue from in every case:
+    on a fresh run there is none (checkpoint_to_resume refused a used folder),
+    with --resume it is the one named, and after a Ray Train worker-group restart
+    it is the newest this run wrote.
+    """
+    folder = latest_checkpoint(root)
+    return folder, (read_state(folder) if folder else fresh_position())
 
+
+def checkpoint(root: Path, model, opt, pos: dict, rank: int) -> None:
+    """Save the learner at pos["global_step"] (collective: every rank calls it), keeping the newest few."""
+    if save_checkpoint(root, pos["global_step"], {"model": model}, {"model": opt}, pos, rank):
+        prune_checkpoints(root, KEEP_CHECKPOINTS)
+
+
+# ---------------------------------------------------------------- the learner (one per Ray Train worker)
 
 def train_step(model, opt, tok, pairs, micro_batches, max_len, global_n, world, device) -> tuple[float, float]:
     """One optimizer step over this worker's micro-batches; returns (summed loss, correct pairs)."""
     from hh_ray.models import encode_for_pm
     from hh_ray.pm_eval import pairwise_loss
 
-    opt.zero_grad(set_to_none=True)
     loss_sum, correct = 0.0, 0.0
     for k, ids in enumerate(micro_batches):
         batch = [pairs[i] for i in ids]
         enc = encode_for_pm(tok, [c.prompt + c.chosen for c in batch] + [c.prompt + c.rejected for c in batch], max_len)
         # Gradients are all-reduced only on the last micro-batch.
-        sync = k == len(micro_batches) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with no_sync_unless(model, sync=k == len(micro_batches) - 1):
             # The model's own forward pools at the last non-pad token, which is
             # the end-of-context token because the PM pad is a token of its own.
             scores = model(input_ids=enc["input_ids"].to(device),
@@ -172,110 +126,86 @@ def train_step(model, opt, tok, pairs, micro_batches, max_len, global_n, world, 
             (loss * len(batch) * world / global_n).backward()
         loss_sum += loss.item() * len(batch)
         correct += ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).sum().item()
-    if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm over all shards
-        model.clip_grad_norm_(MAX_GRAD_NORM)
-    else:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-    opt.step()
+    clip_and_step(model, opt, MAX_GRAD_NORM)
     return loss_sum, correct
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
-def _checkpoint(metrics: dict, model, opt, pos: dict, rank: int) -> None:
-    import ray.train
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    # Gathering full state dicts is collective under FSDP: every rank takes part.
-    model_sd = get_model_state_dict(model, options=_state_dict_options())
-    optim_sd = get_optimizer_state_dict(model, opt, options=_state_dict_options())
-    tmp = None
-    if rank == 0:
-        tmp = Path(tempfile.mkdtemp(prefix="pm-ckpt-"))
-        write_checkpoint(tmp, model_sd, optim_sd, pos)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)) if tmp else None,
-                     checkpoint_dir_name=f"step_{pos['global_step']:06d}")
-    if tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
+def train_stage(model, opt, tok, stage: dict, si: int, pos: dict, config: dict, rank: int, world: int,
+                device) -> bool:
+    """Train one stage from pos (updated in place) to its end; True when stop_after_steps stopped it."""
+    cfg, pairs = config["cfg"], stage["comparisons"]
+    pm, root, stop_after = cfg.pm, Path(config["checkpoint_root"]), config["stop_after_steps"]
+    n_steps = steps_per_epoch(len(pairs), pm.batch_size, world * pm.grad_accum)
+    for epoch in range(pos["epoch"], pm.epochs):
+        order = epoch_order(len(pairs), cfg.seed, si, epoch)
+        for step in range(pos["step_in_epoch"], n_steps):
+            ids = step_ids(order, step, pm.batch_size)
+            t0 = time.perf_counter()
+            loss_sum, correct = train_step(model, opt, tok, pairs, worker_micro_batches(ids, rank, world, pm.grad_accum),
+                                           cfg.model.max_seq_len, len(ids), world, device)
+            loss_sum, correct = all_reduce_sum([loss_sum, correct])
+            dt = time.perf_counter() - t0
+            pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
+                       examples_seen=pos["examples_seen"] + len(ids), seen_digest=chain_digest(pos["seen_digest"], ids))
+            if rank == 0:
+                config["metrics_queue"].put({
+                    "stage": stage["name"], "global_step": pos["global_step"], "epoch": epoch, "stage_step": step + 1,
+                    "loss": loss_sum / len(ids), "accuracy": correct / len(ids), "lr": stage["lr"],
+                    "batch_pairs": len(ids), "examples_seen": pos["examples_seen"], "examples_per_s": len(ids) / dt,
+                    "seen_digest": pos["seen_digest"], "batch_digest": chain_digest("", ids)})
+            stopping = stop_after is not None and pos["global_step"] >= stop_after
+            if stopping or pos["global_step"] % pm.checkpoint_every == 0:
+                checkpoint(root, model, opt, pos, rank)
+            if stopping:
+                return True
+        pos.update(step_in_epoch=0, epoch=epoch + 1)
+    return False
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: every stage from the resume point, then rank 0 saves the PM.
+    config: {"cfg": Config, "stages": [ObjectRef], "init_path", "checkpoint_root", "pm_dir",
+    "metrics_queue", "stop_after_steps"}."""
     import ray
     import ray.train
     import ray.train.torch
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_optimizer_state_dict
 
     import transformers
 
     from hh_ray.models import load_scalar_head_model, save_model
 
     transformers.logging.set_verbosity_error()  # the "score.weight newly initialised" report is expected
+    cfg = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(config["seed"])  # same head init on every rank (DDP broadcasts rank 0's anyway)
-    model, tok = load_scalar_head_model(config["init_path"], config["dtype"])
-    if config["gradient_checkpointing"]:
+    torch.manual_seed(cfg.seed)  # same head init on every rank (DDP broadcasts rank 0's anyway)
+    model, tok = load_scalar_head_model(config["init_path"], cfg.model.dtype)
+    if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.pm.strategy)
 
-    optim_sd, pos = restore(model, config["resume_from"])
-    model = ray.train.torch.prepare_model(model, parallel_strategy=config["strategy"])
-
+    resume, pos = resume_point(Path(config["checkpoint_root"]))
     stages = ray.get(config["stages"][0])  # wrapped in a list so Ray does not resolve it on the way
-    batch_size, grad_accum, every = config["batch_size"], config["grad_accum"], config["checkpoint_every"]
-    stop_after, metrics_queue = config["stop_after_steps"], config["metrics_queue"]
     for si in range(pos["stage"], len(stages)):
-        stage = stages[si]
-        pairs = stage["comparisons"]
-        opt = adamw(model.parameters(), lr=stage["lr"], weight_decay=config["weight_decay"])
-        if optim_sd is not None and pos["optimizer_stage"] == si:
-            set_optimizer_state_dict(model, opt, optim_sd, options=_state_dict_options())
+        opt = adamw(model.parameters(), lr=stages[si]["lr"], weight_decay=cfg.pm.weight_decay)
+        if resume is not None:
+            # Checkpoints fall inside a stage, so the first stage entered is the saved one:
+            # its weights always, its optimizer state when that stage's optimizer was saved.
+            restore_checkpoint(resume, {"model": model}, {"model": opt} if pos["optimizer_stage"] == si else None)
+            resume = None
         pos["optimizer_stage"] = si
-        n_steps = steps_per_epoch(len(pairs), batch_size, world * grad_accum)
-        for epoch in range(pos["epoch"], config["epochs"]):
-            order = epoch_order(len(pairs), config["seed"], si, epoch)
-            for step in range(pos["step_in_epoch"], n_steps):
-                ids = step_ids(order, step, batch_size)
-                t0 = time.perf_counter()
-                loss_sum, correct = train_step(model, opt, tok, pairs, worker_micro_batches(ids, rank, world, grad_accum),
-                                               config["max_len"], len(ids), world, device)
-                loss_sum, correct = _all_reduce([loss_sum, correct])
-                dt = time.perf_counter() - t0
-                pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
-                           examples_seen=pos["examples_seen"] + len(ids),
-                           seen_digest=chain_digest(pos["seen_digest"], ids))
-                stopping = stop_after is not None and pos["global_step"] >= stop_after
-                metrics = {"stage": stage["name"], "global_step": pos["global_step"], "epoch": epoch,
-                           "stage_step": step + 1, "loss": loss_sum / len(ids), "accuracy": correct / len(ids),
-                           "lr": stage["lr"], "batch_pairs": len(ids), "examples_seen": pos["examples_seen"],
-                           "examples_per_s": len(ids) / dt, "seen_digest": pos["seen_digest"],
-                           "batch_digest": chain_digest("", ids)}
-                if rank == 0:
-                    metrics_queue.put(metrics)
-                if stopping or pos["global_step"] % every == 0:
-                    _checkpoint(metrics, model, opt, pos, rank)
-                if stopping:
-                    return
-            pos["step_in_epoch"] = 0
-            pos["epoch"] = epoch + 1
+        if train_stage(model, opt, tok, stages[si], si, pos, config, rank, world, device):
+            return
         pos.update(stage=si + 1, epoch=0)
 
-    full = get_model_state_dict(model, options=_state_dict_options())
+    full = full_model_state(model)  # collective under FSDP
     if rank == 0:
-        final, _ = load_scalar_head_model(config["init_path"], config["dtype"])
+        final, _ = load_scalar_head_model(config["init_path"], cfg.model.dtype)
         final.load_state_dict(full)
         save_model(final, tok, config["pm_dir"])
-        metrics_queue.put({"done": True, "global_step": pos["global_step"], "examples_seen": pos["examples_seen"],
-                           "seen_digest": pos["seen_digest"]})
+        config["metrics_queue"].put({"done": True, "global_step": pos["global_step"],
+                                     "examples_seen": pos["examples_seen"], "seen_digest": pos["seen_digest"]})
 
 
 # ---------------------------------------------------------------- the driver
@@ -306,14 +236,11 @@ def build_stages(cfg) -> tuple[list[dict], list, dict]:
 
 
 def check_settings(cfg, stages) -> None:
-    pm = cfg.pm
-    if pm.strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"pm.strategy: expected 'ddp' or 'fsdp', got {pm.strategy!r}")
-    per_step = pm.num_workers * pm.grad_accum
-    if pm.batch_size % per_step:
-        raise ValueError(f"pm.batch_size={pm.batch_size} must be a multiple of pm.num_workers × pm.grad_accum = {per_step}")
+    """What the config alone cannot tell (hh_ray.config.validate checked the rest as it loaded):
+    that every stage's data makes at least one optimizer step."""
+    per_step = cfg.pm.num_workers * cfg.pm.grad_accum
     for s in stages:
-        if steps_per_epoch(len(s["comparisons"]), pm.batch_size, per_step) == 0:
+        if steps_per_epoch(len(s["comparisons"]), cfg.pm.batch_size, per_step) == 0:
             raise DataError(f"{s['name']}: {len(s['comparisons'])} comparisons make no optimizer step of "
                             f"{per_step}+ pairs; lower pm.batch_size or add data")
 
@@ -331,21 +258,10 @@ def evaluate_saved_pm(pm_dir: str, comparisons, max_len: int, dtype: str, out_di
     return results
 
 
-def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = None) -> Path:
-    """Train the PM (PMP, then finetuning) and evaluate it on the held-out split.
-
-    Returns run_dir/pm, or — when stop_after_steps stops it early — the
-    checkpoint it wrote, which `resume=True` continues from.
-    """
-    from ray.util.queue import Queue
-    from tqdm import tqdm
-
+def prepare_data(cfg) -> tuple[list[dict], list, str, dict]:
+    """(stages, held-out comparisons, PM init path, counts to log), refused when a stage makes no step;
+    logs the plan and how many transcripts the context length cuts."""
     from hh_ray.models import load_pm_tokenizer, resolve_model
-    from hh_ray.pm_eval import flat_summary, format_table
-    from hh_ray.tracking import Tracker
-
-    run_dir = Path(run_dir).resolve()
-    ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
 
     stages, held_out, counts = build_stages(cfg)
     check_settings(cfg, stages)
@@ -356,29 +272,21 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     print(f"PM data: {plan}; "
           f"held out {len(held_out)}; skipped {counts or 'none'}; {truncated} transcripts over "
           f"{cfg.model.max_seq_len} tokens truncated from the left (end-of-context token kept)")
+    info = {"train_pairs": len(stages[-1]["comparisons"]), "held_out_pairs": len(held_out),
+            "truncated_transcripts": truncated, **{f"skipped_{k}": v for k, v in counts.items()}}
+    return stages, held_out, init_path, info
 
-    import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
 
-    tracker = Tracker(run_dir, cfg, stage="pm")
-    tracker.log(0, {"train_pairs": len(stages[-1]["comparisons"]), "held_out_pairs": len(held_out),
-                    "truncated_transcripts": truncated, **{f"skipped_{k}": v for k, v in counts.items()}},
-                stage="pm_data")
+def total_pairs(cfg, stages) -> int:
+    """Pairs the whole run trains on (dropped tails left out): the progress bar's length."""
     per_step = cfg.pm.num_workers * cfg.pm.grad_accum
-    total = cfg.pm.epochs * sum(min(len(s["comparisons"]), cfg.pm.batch_size * steps_per_epoch(
+    return cfg.pm.epochs * sum(min(len(s["comparisons"]), cfg.pm.batch_size * steps_per_epoch(
         len(s["comparisons"]), cfg.pm.batch_size, per_step)) for s in stages)
-    start = json.loads((latest / "state.json").read_text())["examples_seen"] if resume else 0
 
-    queue = Queue()
-    trainer = learner_trainer(
-        train_loop_per_worker, num_workers=cfg.pm.num_workers, cpus_per_worker=cfg.pm.cpus_per_worker,
-        ckpt_root=ckpt_root, config={
-            "stages": [ray.put(stages)], "init_path": init_path, "dtype": cfg.model.dtype,
-            "gradient_checkpointing": cfg.model.gradient_checkpointing, "strategy": cfg.pm.strategy,
-            "seed": cfg.seed, "epochs": cfg.pm.epochs, "batch_size": cfg.pm.batch_size,
-            "grad_accum": cfg.pm.grad_accum, "weight_decay": cfg.pm.weight_decay,
-            "checkpoint_every": cfg.pm.checkpoint_every, "max_len": cfg.model.max_seq_len,
-            "stop_after_steps": stop_after_steps, "pm_dir": str(run_dir / "pm"), "metrics_queue": queue,
-            "resume_from": str(latest) if latest else None})
+
+def fit_with_progress(trainer, queue, tracker, total: int, start: int) -> dict:
+    """Run the fit, logging each worker message and advancing a progress bar; returns the last message."""
+    from tqdm import tqdm
 
     bar = tqdm(total=total, initial=start, unit="pair", desc="PM", dynamic_ncols=True)
     last: dict = {}
@@ -396,7 +304,36 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
         fit_and_log(trainer, queue, on_message)
     finally:
         bar.close()
+    return last
 
+
+def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = None) -> Path:
+    """Train the PM (PMP, then finetuning) and evaluate it on the held-out split.
+
+    Returns run_dir/pm, or — when stop_after_steps stops it early — the
+    checkpoint it wrote, which `resume=True` continues from.
+    """
+    from ray.util.queue import Queue
+
+    from hh_ray.pm_eval import flat_summary, format_table
+    from hh_ray.tracking import Tracker
+
+    run_dir = Path(run_dir).resolve()
+    ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
+    stages, held_out, init_path, info = prepare_data(cfg)
+
+    import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
+
+    tracker = Tracker(run_dir, cfg, stage="pm")
+    tracker.log(0, info, stage="pm_data")
+    queue = Queue()
+    trainer = learner_trainer(
+        train_loop_per_worker, num_workers=cfg.pm.num_workers, cpus_per_worker=cfg.pm.cpus_per_worker,
+        ckpt_root=ckpt_root, config={
+            "cfg": cfg, "stages": [ray.put(stages)], "init_path": init_path, "checkpoint_root": str(ckpt_root),
+            "pm_dir": str(run_dir / "pm"), "metrics_queue": queue, "stop_after_steps": stop_after_steps})
+    last = fit_with_progress(trainer, queue, tracker, total_pairs(cfg, stages),
+                             read_state(latest)["examples_seen"] if latest else 0)
     if not last.get("done"):
         tracker.close()
         return latest_checkpoint(ckpt_root)

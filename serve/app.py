@@ -6,8 +6,8 @@ Start it with `hh-ray serve --policy DIR ...`, or with Ray Serve's own tools:
     serve run serve.app:build_app policy=/path/to/policy pm=/path/to/pm best_of_n=4
     serve deploy serve/serve_config.yaml
 
-One replica = one in-process vLLM engine (DESIGN.md §3: on CPU the
-multiprocess engine pins cores and sits outside Ray's CPU accounting).
+One replica = one in-process vLLM engine (on CPU the multiprocess engine
+pins cores and sits outside Ray's CPU accounting; docs/architecture.md).
 `LLM.generate` is synchronous, so concurrent requests are gathered by
 `@serve.batch` and run as one vLLM batch in a worker thread (measured: 4
 concurrent requests 14.5 s serialised, ~4.5 s batched); the event loop stays
@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hh_ray.runtime import set_torch_threads, worker_env
 from serve.openai_protocol import (APIError, ChatRequest, Limits, chunk_body, completion_body, completion_id,
                                    error_body, hh_prompt, parse_chat_request, policy_prompt, sse)
 
@@ -133,19 +134,16 @@ api = api_app("hh-ray")
 @serve.ingress(api)
 class ChatServer:
     def __init__(self, args: dict):
-        import torch
-
         a = ServeArgs(**args)
-        # vLLM freezes torch's thread count once its engine exists (DESIGN.md §3).
-        torch.set_num_threads(max(1, int(a.cpus_per_replica)))
+        # Before the engine starts: vLLM makes torch.set_num_threads a no-op once its engine exists.
+        threads = set_torch_threads(a.cpus_per_replica)
         from hh_ray.config import GenerationConfig
         from actors.vllm_engine import make_llm
 
         self.args, self.limits = a, a.limits()
         self.api_key = a.api_key
         self.model_name = a.model_name or Path(a.policy).name
-        self.llm = make_llm(a.policy, GenerationConfig(kv_cache_gib=a.kv_cache_gib,
-                                                        cpus_per_worker=max(1, int(a.cpus_per_replica))),
+        self.llm = make_llm(a.policy, GenerationConfig(kv_cache_gib=a.kv_cache_gib, cpus_per_worker=threads),
                             a.max_model_len or None, seed=a.seed)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -329,8 +327,6 @@ def build_app(args: dict) -> serve.Application:
         if path and not Path(path).exists():
             raise ValueError(f"{name}: {path} does not exist")
     a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
-    from hh_ray.runtime import worker_env
-
     # OMP threads follow num_cpus; the PM scorer the replica starts asks for one more CPU.
     return ChatServer.options(num_replicas=a.replicas,
                               ray_actor_options={"num_cpus": a.cpus_per_replica,

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from hh_ray.comparisons import AlreadyLabeled, ComparisonStore, StoreError, TextTooLong, UnknownPair
+from hh_ray.runtime import set_torch_threads, worker_env
 from serve.app import API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, deploy, read_body
 from serve.openai_protocol import APIError, hh_prompt, parse_json_object, policy_prompt
 
@@ -110,15 +111,14 @@ collect_api = api_app("hh-ray collect")
 @serve.ingress(collect_api)
 class CollectServer:
     def __init__(self, args: dict):
-        import torch
-
         a = CollectArgs(**args)
-        torch.set_num_threads(max(1, int(a.cpus_per_replica)))  # before vLLM freezes it (DESIGN.md §3)
+        # Before the engines start: vLLM makes torch.set_num_threads a no-op once an engine exists.
+        threads = set_torch_threads(a.cpus_per_replica)
         from hh_ray.config import GenerationConfig
         from actors.vllm_engine import make_llm
 
         self.args = a
-        gen = GenerationConfig(kv_cache_gib=a.kv_cache_gib, cpus_per_worker=max(1, int(a.cpus_per_replica)))
+        gen = GenerationConfig(kv_cache_gib=a.kv_cache_gib, cpus_per_worker=threads)
         paths = [a.policy] + ([a.policy_b] if a.policy_b else [])
         # An engine is not thread-safe: one lock each; requests for different engines run side by side.
         self.engines = [(make_llm(p, gen, a.max_model_len or None, seed=a.seed + k), threading.Lock())
@@ -203,7 +203,6 @@ class CollectServer:
 def build_collect_app(args: dict) -> serve.Application:
     """Ray Serve app builder (`serve run serve.collect:build_collect_app policy=DIR db=FILE`)."""
     a = CollectArgs(**args)
-    from hh_ray.runtime import worker_env
     from hh_ray.models import resolve_model
 
     a.policy = resolve_model(a.policy)

@@ -1,7 +1,8 @@
 """One local Ray cluster and one tiny model per test session.
 
-Integration tests share these (starting Ray or a vLLM engine costs seconds;
-DESIGN.md §3), so fixtures are session-scoped and actors are reused.
+Integration tests share these (starting Ray or a vLLM engine costs seconds,
+and cold imports alone take ~10 s per process), so fixtures are session-scoped
+and actors are reused.
 """
 
 import os

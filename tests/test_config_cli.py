@@ -85,3 +85,34 @@ def test_yaml_type_error_names_file_and_key(tmp_path, capsys):
     assert main(["train-pm", "--config", str(f), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"{f}: generation.temperature: expected float" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    ({"pm.batch_size": 30, "pm.num_workers": 2, "pm.grad_accum": 2},
+     "pm.batch_size=30 must be a multiple of pm.num_workers × pm.grad_accum = 4"),
+    ({"sft.batch_size": 10, "sft.num_workers": 4}, "sft.batch_size=10 must be a multiple of"),
+    ({"distill.grad_accum": 3}, "distill.batch_size=16 must be a multiple of"),
+    ({"ppo.num_learners": 3}, "must both divide by ppo.num_learners (3)"),
+    ({"ppo.rollout_batch_size": 24, "ppo.minibatch_size": 16}, "ppo.rollout_batch_size (24) must divide by "
+                                                               "ppo.minibatch_size (16)"),
+    ({"generation.max_new_tokens": 128, "model.max_seq_len": 128}, "generation.max_new_tokens (128) leaves no room"),
+])
+def test_rules_between_fields_are_checked_as_the_config_loads(tmp_path, overrides, msg):
+    from hh_ray.config import validate
+
+    validate(Config())  # the defaults keep every rule
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+    # from a file, the message says which one (the culprit may be in either)
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match="c.yaml with overrides: "):
+        load_config(f, overrides)
+
+
+def test_cli_reports_a_rule_between_fields_in_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train-pm", "--run-dir", str(run_dir), "--pm.num_workers", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pm.batch_size=16 must be a multiple of pm.num_workers × pm.grad_accum = 3" in err and "\n" not in err
+    assert not run_dir.exists()

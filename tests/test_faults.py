@@ -44,11 +44,11 @@ def faulty_run(ray_cluster, tiny_pm, tmp_path_factory):
 
     def inject(phase, i):
         if (phase, i) == ("generate", 1) and "generation" not in killed:
-            pid = ray.get(controller.pool.workers[0].info.remote())["pid"]
+            pid = ray.get(controller.rollouts.pool.workers[0].info.remote())["pid"]
             os.kill(pid, signal.SIGKILL)
             killed.append("generation")
         elif (phase, i) == ("score", 2) and "pm" not in killed:
-            ray.kill(controller.scorer)
+            ray.kill(controller.rollouts.scorer)
             killed.append("pm")
         elif (phase, i) == ("learn", 3) and "learner" not in killed:
             os.kill(controller.learners.pids[1], signal.SIGKILL)
@@ -73,7 +73,7 @@ def test_run_survives_killed_generator_pm_and_learner(faulty_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5]
     faults = read_metrics(run_dir, "ppo_fault")
     assert [(f["step"], f["what"]) for f in faults] == [(2, "learner_restart")]
-    assert faults[0]["checkpoint"].endswith("iter-2")
+    assert faults[0]["checkpoint"].endswith("step-000002")
 
     final = read_metrics(run_dir, "ppo", last_per_step=True)
     assert [r["step"] for r in final] == list(range(1, ITERATIONS + 1))
@@ -85,6 +85,58 @@ def test_run_survives_killed_generator_pm_and_learner(faulty_run):
     assert [r["restarts_learner_total"] for r in rows] == [0, 0, 0, 1, 1, 1]
     # None duplicated or replaced by other data: the redone iteration drew the
     # same prompts and samples (same seeds, same checkpointed weights).
+    first, redo = rows[2], rows[3]
+    assert redo["tokens_generated"] == first["tokens_generated"]
+    assert redo["reward_pm"] == pytest.approx(first["reward_pm"], abs=1e-5)
+    assert (run_dir / "policy" / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def learner_killed_outside_learn(ray_cluster, tiny_pm, tmp_path_factory):
+    """Kill a learner worker (SIGKILL) as iteration 2 starts its weight sync, and, once
+    that restart is rolled back, again as the redone iteration 2 starts generating.
+    Neither is a moment the learners are busy: each restart is found at the next
+    learner command. Last checkpoint before both: iteration 2."""
+    run_dir = tmp_path_factory.mktemp("ppo-learner-faults")
+    cfg = tiny_config(**{"model.pm": tiny_pm, "ppo.iterations": 4, "ppo.rollout_batch_size": BATCH,
+                         "generation.num_workers": 1, "ppo.num_learners": 2, "ppo.checkpoint_every": 2,
+                         "ppo.eval_prompts": 0})
+    controller = RLHFController(cfg, run_dir)
+    killed = []
+
+    def inject(phase, i):
+        restarts = controller.state["restarts"]["learner"]
+        if (phase, i, restarts) == ("sync", 2, 0) and not killed:
+            killed.append(("sync", controller.learners.pids[1]))
+        elif (phase, i, restarts) == ("generate", 2, 1) and len(killed) == 1:
+            killed.append(("generate", controller.learners.pids[1]))
+        else:
+            return
+        os.kill(killed[-1][1], signal.SIGKILL)
+
+    controller.on_phase = inject
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
+    return run_dir, result, killed
+
+
+def test_learner_killed_during_sync_or_generate_loses_and_duplicates_nothing(learner_killed_outside_learn):
+    run_dir, result, killed = learner_killed_outside_learn
+    assert [phase for phase, _ in killed] == ["sync", "generate"]
+    assert killed[0][1] != killed[1][1]  # the second kill hit the restarted group
+    assert result["restarts_learner"] == 2
+    rows = read_metrics(run_dir, "ppo")
+    # Killed in iteration 2's sync: step 3 was logged, then found at the next command and rolled
+    # back to the step-2 checkpoint; killed again in the redone step 3's generation: no row.
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4]
+    faults = read_metrics(run_dir, "ppo_fault")
+    assert [(f["step"], f["what"]) for f in faults] == [(2, "learner_restart")] * 2
+    final = read_metrics(run_dir, "ppo", last_per_step=True)
+    assert [r["step"] for r in final] == [1, 2, 3, 4]
+    # 0 lost: every trained batch whole; 0 duplicated or replaced: the redone step drew the same samples.
+    assert all(r["samples"] == BATCH and r["dropped_nonfinite"] == 0 for r in final)
     first, redo = rows[2], rows[3]
     assert redo["tokens_generated"] == first["tokens_generated"]
     assert redo["reward_pm"] == pytest.approx(first["reward_pm"], abs=1e-5)
@@ -107,7 +159,7 @@ def test_async_run_redoes_a_batch_whose_generator_died_while_learning(ray_cluste
 
     def inject(phase, i):
         if (phase, i) == ("learn", 1) and not killed:
-            killed.append(ray.get(controller.pool.workers[0].info.remote())["pid"])
+            killed.append(ray.get(controller.rollouts.pool.workers[0].info.remote())["pid"])
             os.kill(killed[0], signal.SIGKILL)
 
     controller.on_phase = inject

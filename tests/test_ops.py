@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from hh_ray.checkpoint import latest_checkpoint
+from hh_ray.checkpoint import latest_checkpoint, read_state
 from hh_ray.config import load_config, parse_resources
 from hh_ray.tracking import read_metrics
 from tests.conftest import ROOT
@@ -86,7 +86,7 @@ def killed_driver_run(head, tiny_pm, tmp_path_factory):
 def test_killed_driver_resumes_through_ray_job_submit(head, killed_driver_run):
     run_dir = killed_driver_run
     assert not (run_dir / "policy").exists()  # it really died mid-run
-    ckpt = json.loads((latest_checkpoint(run_dir / "checkpoints") / "controller_state.json").read_text())
+    ckpt = read_state(latest_checkpoint(run_dir / "checkpoints"))
     start = ckpt["iteration"]
     assert 2 <= start < ITERATIONS
 

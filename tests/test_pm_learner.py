@@ -11,10 +11,11 @@ import json
 import pytest
 import torch
 
+from hh_ray.checkpoint import latest_checkpoint
 from hh_ray.config import load_config
 from hh_ray.data import DataError, synthetic_comparisons, write_jsonl
 from hh_ray.tracking import read_metrics
-from learners.pm_learner import (build_stages, epoch_order, latest_checkpoint, steps_per_epoch, train_pm,
+from learners.pm_learner import (build_stages, epoch_order, fresh_position, steps_per_epoch, train_pm,
                                  worker_micro_batches)
 
 # PMP: 600 pairs = 18 steps of 32 + a tail of 24; finetune: 540 = 16 × 32 + 28; 60 held out.
@@ -56,38 +57,36 @@ def test_micro_batches_cover_the_step_once():
     assert steps_per_epoch(68, 16, 4) == 5 and steps_per_epoch(67, 16, 4) == 4
 
 
-def test_checkpoint_files_restore_model_and_optimizer_exactly(tmp_path):
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
-
-    from learners.pm_learner import _state_dict_options, read_checkpoint, write_checkpoint
+def test_a_pm_checkpoint_is_the_model_its_optimizer_and_the_position(tmp_path):
+    from learners.kit import adamw, restore_checkpoint
+    from learners.pm_learner import checkpoint, resume_point
 
     def net():
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
-        return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return m, adamw(m.parameters(), lr=1e-2)
 
     def step(m, opt, x):
         opt.zero_grad()
         m(x).pow(2).sum().backward()
         opt.step()
 
+    assert resume_point(tmp_path) == (None, fresh_position())
     a, opt_a = net()
     for i in range(3):
         step(a, opt_a, torch.full((2, 3), float(i)))
-    opts = _state_dict_options()
-    write_checkpoint(tmp_path, get_model_state_dict(a, options=opts), get_optimizer_state_dict(a, opt_a, options=opts),
-                     {"global_step": 3})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model.safetensors", "optimizer.json", "optimizer.safetensors", "state.json"]  # no pickles
-    model_sd, optim_sd, state = read_checkpoint(tmp_path)
+        checkpoint(tmp_path, a, opt_a, {**fresh_position(), "global_step": i + 1}, rank=0)
+    # the newest two are kept; one folder per step, no pickles
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
+    folder, pos = resume_point(tmp_path)
+    assert folder.name == "step-000003" and pos["global_step"] == 3
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.optimizer.json", "model.optimizer.safetensors", "model.safetensors", "state.json"]
     b, opt_b = net()
-    b.load_state_dict(model_sd)
-    set_optimizer_state_dict(b, opt_b, optim_sd, options=opts)
+    restore_checkpoint(folder, {"model": b}, {"model": opt_b})
     x = torch.randn(2, 3)
     step(a, opt_a, x)
     step(b, opt_b, x)  # Adam moments and step count must match for this to be equal
-    assert state == {"global_step": 3}
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
@@ -129,7 +128,8 @@ def test_pm_folder_loads_as_is_and_scores_at_end_of_context(full_run):
 def test_resume_sees_the_same_pairs_as_an_uninterrupted_run(full_run, tmp_path):
     cfg = tiny_cfg()
     ckpt = train_pm(cfg, tmp_path, stop_after_steps=12)  # inside PMP, two steps after a checkpoint
-    assert ckpt.name == "step_000012" and not (tmp_path / "pm").exists()
+    assert ckpt.name == "step-000012" and not (tmp_path / "pm").exists()
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-000010", "step-000012"]
     with pytest.raises(ValueError, match="--resume"):
         train_pm(cfg, tmp_path)  # a fresh run would silently start over
     assert train_pm(cfg, tmp_path, resume=True) == tmp_path.resolve() / "pm"

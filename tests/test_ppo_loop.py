@@ -97,9 +97,8 @@ def test_async_mode_overlaps_with_staleness_one(tiny_pm, tmp_path):
     ({"model.pm": ""}, "no preference model"),
 ])
 def test_bad_config_fails_before_any_actor(tiny_pm, tmp_path, overrides, msg):
-    cfg = tiny_config(**{"model.pm": tiny_pm, **overrides})
-    with pytest.raises((ConfigError, ValueError), match=msg):
-        RLHFController(cfg, tmp_path)
+    with pytest.raises((ConfigError, ValueError), match=msg):  # when the config is read, or as the run starts
+        RLHFController(tiny_config(**{"model.pm": tiny_pm, **overrides}), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -208,13 +208,13 @@ def test_micro_batches_group_rows_of_like_length():
     """Each chosen row in exactly one micro-batch, rows of like length together, and
     every micro-batch trimmed to its longest row."""
     from hh_ray.rollout import RolloutBatch
-    from learners.ppo_learner import _micro_batches
+    from learners.ppo_learner import micro_batches
 
     lengths = [9, 3, 8, 2, 7, 4]  # prompt of 1 token + a response of length - 1
     batch = RolloutBatch.from_samples([[1]] * 6, [[5] * (n - 1) for n in lengths], [[0.0] * (n - 1) for n in lengths],
                                       [0] * 6, [""] * 6, [""] * 6, [""] * 6, pad_id=0)
     rows = [0, 1, 2, 3, 5]  # row 4 is another minibatch's
-    parts = list(_micro_batches(batch, rows, 2))
+    parts = list(micro_batches(batch, rows, 2))
     assert [part for part, _, _ in parts] == [[3, 1], [5, 2], [0]]
     assert [w for _, _, w in parts] == [3, 8, 9]
     for part, mb, w in parts:
@@ -238,3 +238,52 @@ def test_eager_attention_gives_the_sdpa_log_probs_under_bf16(tiny_model):
             out[kind] = ppo.policy_logprobs(lm, ids, attn) * attn
     assert torch.allclose(out["eager"], out["sdpa"], atol=0.01)
     assert not torch.equal(out["eager"], torch.zeros_like(out["eager"]))
+
+
+def test_make_experience_by_hand():
+    """One response of 2 tokens after a 1-token prompt, lambda_KL = 0.5, gamma = 1, lambda = 1."""
+    logp = torch.tensor([[0.0, -1.0, -2.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0]])      # k1 per token: 0.5, -1.0 (sum -0.5)
+    values = torch.tensor([[9.0, 0.25, 0.5]])    # column 0 is the prompt: ignored
+    mask = torch.tensor([[0, 1, 1]])
+    exp = ppo.make_experience(torch.tensor([2.0]), logp, ref, values, mask, kl_coef=0.5, lam=1.0,
+                              whiten_advantages=False)
+    # rewards: -0.5 * 0.5 = -0.25 ; -0.5 * -1.0 + 2.0 (PM on the last token) = 2.5
+    assert torch.allclose(exp.rewards, torch.tensor([[0.0, -0.25, 2.5]]))
+    # returns (lambda = 1, gamma = 1): 2.25, 2.5 ; advantages = returns - values
+    assert torch.allclose(exp.returns, torch.tensor([[0.0, 2.25, 2.5]]))
+    assert torch.allclose(exp.advantages, torch.tensor([[0.0, 2.0, 2.0]]))
+    assert exp.kl_k1.item() == pytest.approx(-0.5) and exp.reward_total.item() == pytest.approx(2.25)
+
+    # k3 in the penalty: the rewards change, the logged KL stays k1
+    k3 = ppo.make_experience(torch.tensor([2.0]), logp, ref, values, mask, kl_coef=0.5, kl_estimator="k3",
+                             lam=1.0, whiten_advantages=False)
+    # k3 = exp(-d) - 1 + d: d = 0.5 -> e^-0.5 - 0.5 ; d = -1 -> e - 2
+    assert torch.allclose(k3.kl[0, 1:], torch.tensor([math.exp(-0.5) - 0.5, math.e - 2]), atol=1e-6)
+    assert k3.kl_k1.item() == pytest.approx(-0.5)
+    assert k3.reward_total.item() == pytest.approx(2.0 - 0.5 * (math.exp(-0.5) - 0.5 + math.e - 2), abs=1e-6)
+    with pytest.raises(ValueError, match="ppo.advantage_estimator"):
+        ppo.make_experience(torch.tensor([2.0]), logp, ref, values, mask, kl_coef=0.5, advantage_estimator="nope")
+
+
+def test_whiten_takes_the_whole_batch_statistics_through_all_reduce():
+    """Two data-parallel shards whitened with summed statistics equal the whole batch whitened."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 10.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    whole = ppo.whiten(x, mask)
+    shards = [(x[:1], mask[:1]), (x[1:], mask[1:])]
+    sums = [torch.stack([(s * m).sum(), (s * s * m).sum(), m.sum()]).double() for s, m in shards]
+    total = sums[0] + sums[1]
+    got = torch.cat([ppo.whiten(s, m, all_reduce_sum=lambda _: total) for s, m in shards])
+    assert torch.allclose(got, whole, atol=1e-6)
+    assert torch.allclose(whole, torch.tensor([[-1.2247, 0.0], [1.2247, 0.0]]), atol=1e-4)  # mean 2, std sqrt(2/3)
+
+
+def test_estimator_registries_drive_the_config_choices():
+    from hh_ray.config import CHOICES, ConfigError, load_config
+    from hh_ray.estimators import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
+
+    assert CHOICES["ppo.kl_estimator"] == tuple(KL_ESTIMATORS) == ("k1", "k3")
+    assert CHOICES["ppo.advantage_estimator"] == tuple(ADVANTAGE_ESTIMATORS) == ("gae",)
+    with pytest.raises(ConfigError, match="'k1', 'k3'"):
+        load_config(None, {"ppo.kl_estimator": "k2"})

@@ -125,11 +125,11 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
             raise ConfigError(f"override {item!r}: expected key=value")
         k, v = item.split("=", 1)
         overrides[k.lstrip("-")] = v
-    cfg = load_config(args.config, overrides)
     if args.resume and not args.run_dir:
         raise ConfigError("--resume needs --run-dir (the run to continue)")
-    if args.resume and args.run_dir and (Path(args.run_dir) / "config.yaml").exists() and not args.config:
-        cfg = load_config(Path(args.run_dir) / "config.yaml", overrides)
+    saved = Path(args.run_dir or ".") / "config.yaml"
+    # Resuming without --config continues the run's own config (the overrides on top of it).
+    cfg = load_config(saved if args.resume and saved.exists() and not args.config else args.config, overrides)
     from hh_ray.tracking import default_run_dir
 
     return cfg, Path(args.run_dir) if args.run_dir else default_run_dir(args.stage)

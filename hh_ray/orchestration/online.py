@@ -44,11 +44,12 @@ import ray
 from ray import serve
 
 from actors.generation import GenerationPool
-from hh_ray.checkpoint import latest_checkpoint as latest_ppo_checkpoint
+from hh_ray.checkpoint import latest_checkpoint
 from hh_ray.orchestration.cluster import ensure_ray
-from hh_ray.orchestration.controller import PromptStream, load_prompts, train_ppo
+from hh_ray.orchestration.controller import train_ppo
+from hh_ray.prompt_stream import PromptStream, load_prompts
 from hh_ray.runtime import worker_env
-from learners.pm_learner import latest_checkpoint, train_pm
+from learners.pm_learner import train_pm
 from serve.collect import start_collect
 
 STAGES = ("collect", "pm", "ppo", "evaluate")
@@ -120,7 +121,7 @@ def ppo_round_config(cfg: Config, policy: str, pm_dir: str) -> Config:
     return c
 
 
-# ---------------------------------------------------------------- Ray tasks (1 CPU each, DESIGN.md §3)
+# ---------------------------------------------------------------- Ray tasks (1 CPU each: Ray sets their torch threads from it)
 
 def _label(spec: str, max_len: int, tie_margin: float, dtype: str, prompts, a, b) -> list[dict]:
     from hh_ray.labelers import make_labeler
@@ -286,7 +287,7 @@ class OnlineRLHF:
         start = self.initial_policy if self.cfg.online.policy_init == "initial" else self.state["snapshots"][-1]
         ppo_dir = round_dir(self.run_dir, k) / "ppo"
         train_ppo(ppo_round_config(self.cfg, start, self.state["pms"][-1]), ppo_dir,
-                  resume=latest_ppo_checkpoint(ppo_dir / "checkpoints") is not None)
+                  resume=latest_checkpoint(ppo_dir / "checkpoints") is not None)
         self.state["snapshots"].append(str(ppo_dir / "policy"))
         evals = read_metrics(ppo_dir, "ppo_eval")
         return {"policy_reward_latest_pm_before": evals[0]["reward_pm_heldout"] if len(evals) > 1 else None,

@@ -8,6 +8,7 @@ import copy
 import json
 from pathlib import Path
 
+from hh_ray.checkpoint import complete_checkpoints, read_model_state, read_state
 from hh_ray.config import set_value
 from hh_ray.data import write_jsonl
 from hh_ray.models import is_scalar_head_model, load_policy, load_scalar_head_model, load_tokenizer, resolve_model
@@ -37,22 +38,21 @@ def _on_data(cfg, folder: Path, **overrides):
 
 
 def policy_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
-    """(iteration, policy folder) of every complete PPO checkpoint, in order."""
-    out = []
-    for p in Path(ppo_dir, "checkpoints").glob("iter-*"):
-        if (p / "policy" / "config.json").exists() and p.name[5:].isdigit():
-            out.append((int(p.name[5:]), p / "policy"))
-    return sorted(out)
+    """(iteration, checkpoint folder) of every complete PPO checkpoint, in order."""
+    return [(read_state(p)["iteration"], p) for p in complete_checkpoints(Path(ppo_dir, "checkpoints"))]
 
 
-def eval_robustness(cfg, run_dir: Path, args) -> int:
-    folder = Path(run_dir) / "robustness"
-    train, held_out = pm_comparisons(cfg)
-    half_train, half_test = split_comparisons(train, cfg.seed)
-    print(f"robustness: {len(train)} comparisons → train-PM half {len(half_train)}, test-PM half "
-          f"{len(half_test)}; {len(held_out)} held out (prompts for scoring, PM accuracy)", flush=True)
+def checkpoint_policy(policy0: str, checkpoint: Path | None, dtype: str):
+    """pi0, or the policy of a PPO checkpoint (pi0's architecture with the checkpoint's weights)."""
+    model = load_policy(policy0, dtype)
+    if checkpoint is not None:
+        model.load_state_dict(read_model_state(checkpoint, "policy"))
+    return model
 
-    # Reuse what an earlier (interrupted) run of this command finished in the same folder.
+
+def train_both_pms(cfg, folder: Path, half_train: list, half_test: list, held_out: list) -> dict[str, str]:
+    """The train PM and the test PM, one per half; reused when an earlier (interrupted)
+    run of this command finished them in the same folder."""
     pms = {}
     for name, half in (("train_pm", half_train), ("test_pm", half_test)):
         pm_run = folder / name
@@ -62,6 +62,47 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
             print(f"robustness: training the {name.replace('_', '-')} on {len(half)} comparisons", flush=True)
             train_pm(_on_data(cfg, _data_folder(folder / "data" / name, half, held_out)), pm_run)
         pms[name] = str(pm_run / "pm")
+    return pms
+
+
+def score_checkpoints(cfg, checkpoints: list, pms: dict[str, str], prompts: list[str], samples_per_prompt: int) -> dict:
+    """{PM name: mean score of each checkpoint's samples on the held-out prompts}."""
+    policy0 = resolve_model(cfg.model.policy, cfg.model.cache_dir)
+    room = cfg.model.max_seq_len - cfg.generation.max_new_tokens
+    samples = []
+    tok = load_tokenizer(policy0)
+    for it, path in checkpoints:
+        # The same seed for every checkpoint (common random numbers): differences between
+        # checkpoints come from the policies, less from the draw.
+        model = checkpoint_policy(policy0, path, cfg.model.dtype)
+        samples.append(sample_responses(model, tok, prompts, samples_per_prompt, cfg.generation.max_new_tokens,
+                                        cfg.generation.temperature, room, seed=cfg.seed))
+        print(f"robustness: sampled iteration {it} ({len(prompts)} prompts × {samples_per_prompt})", flush=True)
+        del model
+    rewards = {}
+    for name, pm_dir in pms.items():
+        pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
+        rewards[name] = [float(score_samples(pm, pm_tok, prompts, s, cfg.model.max_seq_len).mean()) for s in samples]
+        del pm
+    return rewards
+
+
+def print_table(table: list[dict], finding: str, folder: Path) -> None:
+    print(f"{'iter':>4} {'√KL':>7} {'(of v)':>6} {'train PM':>9} {'test PM':>9} {'gap':>7}  (gains over π₀)")
+    for r in table:
+        print(f"{r['iteration']:>4} {r['sqrt_kl']:>7.3f} {r['kl_of_version']:>6} {r['gain_train_pm']:>+9.4f} "
+              f"{r['gain_test_pm']:>+9.4f} {r['gap']:>+7.3f}")
+    print(finding)
+    print(f"saved to {folder}")
+
+
+def eval_robustness(cfg, run_dir: Path, args) -> int:
+    folder = Path(run_dir) / "robustness"
+    train, held_out = pm_comparisons(cfg)
+    half_train, half_test = split_comparisons(train, cfg.seed)
+    print(f"robustness: {len(train)} comparisons → train-PM half {len(half_train)}, test-PM half "
+          f"{len(half_test)}; {len(held_out)} held out (prompts for scoring, PM accuracy)", flush=True)
+    pms = train_both_pms(cfg, folder, half_train, half_test, held_out)
 
     ppo_dir = folder / "ppo"
     if not (ppo_dir / "policy" / "config.json").exists():
@@ -71,26 +112,9 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
         train_ppo(_on_data(cfg, _data_folder(folder / "data" / "ppo", train, held_out), **{"model.pm": pms["train_pm"]}),
                   ppo_dir)
     ppo_rows = read_metrics(ppo_dir, "ppo", last_per_step=True)
-
-    policy0 = resolve_model(cfg.model.policy, cfg.model.cache_dir)
-    checkpoints = [(0, Path(policy0))] + policy_checkpoints(ppo_dir)
+    checkpoints = [(0, None)] + policy_checkpoints(ppo_dir)
     prompts = list(dict.fromkeys(c.prompt for c in held_out))[: args.num_prompts]
-    room = cfg.model.max_seq_len - cfg.generation.max_new_tokens
-    samples = []
-    tok = load_tokenizer(policy0)
-    for it, path in checkpoints:
-        # The same seed for every checkpoint (common random numbers): differences between
-        # checkpoints come from the policies, less from the draw.
-        model = load_policy(str(path), cfg.model.dtype)
-        samples.append(sample_responses(model, tok, prompts, args.samples_per_prompt, cfg.generation.max_new_tokens,
-                                        cfg.generation.temperature, room, seed=cfg.seed))
-        print(f"robustness: sampled iteration {it} ({len(prompts)} prompts × {args.samples_per_prompt})", flush=True)
-        del model
-    rewards = {}
-    for name, pm_dir in pms.items():
-        pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
-        rewards[name] = [float(score_samples(pm, pm_tok, prompts, s, cfg.model.max_seq_len).mean()) for s in samples]
-        del pm
+    rewards = score_checkpoints(cfg, checkpoints, pms, prompts, args.samples_per_prompt)
 
     iterations = [it for it, _ in checkpoints]
     kls = [checkpoint_kl(ppo_rows, it) for it in iterations]
@@ -122,10 +146,5 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "robustness.json").write_text(json.dumps(results, indent=2))
     plot_robustness(table, k, folder / "robustness.png")
-    print(f"{'iter':>4} {'√KL':>7} {'(of v)':>6} {'train PM':>9} {'test PM':>9} {'gap':>7}  (gains over π₀)")
-    for r in table:
-        print(f"{r['iteration']:>4} {r['sqrt_kl']:>7.3f} {r['kl_of_version']:>6} {r['gain_train_pm']:>+9.4f} "
-              f"{r['gain_test_pm']:>+9.4f} {r['gap']:>+7.3f}")
-    print(finding)
-    print(f"saved to {folder}")
+    print_table(table, finding, folder)
     return 0

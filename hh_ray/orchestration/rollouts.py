@@ -1,0 +1,186 @@
+"""The rollout side of the loop: draw prompts -> generate (vLLM actors) -> score (PM
+service) -> rollout queue, with dead actors replaced, and the weight sync into
+the generators. `Prefetch` makes the next batch while the learners train (async mode).
+
+All randomness is derived from (seed, iteration), so a batch produced again
+(after an actor died, or after a roll-back) holds the same prompts and samples.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import ray
+import torch
+
+from actors.generation import GenerationPool
+from actors.pm_service import start_pm_scorer
+from actors.rollout_queue import RolloutQueue
+from hh_ray.config import Config
+from hh_ray.prompt_stream import PromptStream
+from hh_ray.rollout import drop_nonfinite
+from hh_ray.runtime import derive_seed
+
+
+class WeightsLost(RuntimeError):
+    """The weights being synced are gone with their owner, the learner group's rank 0."""
+
+
+class RolloutProducer:
+    """Generation workers, the PM service and the queue they fill, for the whole run.
+
+    `restarts` (the run's counters, shared with the controller) counts the actors replaced."""
+
+    def __init__(self, cfg: Config, policy_path: str, pm_path: str, tokenizer, stream: PromptStream,
+                 queue: RolloutQueue, restarts: dict):
+        self.cfg, self.pm_path, self.tokenizer, self.stream = cfg, pm_path, tokenizer, stream
+        self.queue, self.restarts = queue, restarts
+        self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed)
+        self.scorer = self._start_scorer()
+        # The version the generators hold and its weights, so a revived generator can load
+        # them (version 0: a fresh generator's own; None: let go to save memory, see drop_weights).
+        self.weights: tuple[int, object] = (0, None)
+        self._lock = threading.Lock()  # weight sync vs. reviving a generator from the prefetch thread
+
+    def _start_scorer(self):
+        c = self.cfg
+        return start_pm_scorer(self.pm_path, c.model.max_seq_len, c.model.dtype, num_cpus=c.ppo.pm_service_cpus,
+                               autocast=c.ppo.autocast)
+
+    # ---- one batch
+
+    def produce(self, iteration: int, on_phase=None) -> dict:
+        """Produce batch `iteration` into the queue; a generation worker or the PM service
+        that dies meanwhile is replaced and the batch produced again (same seeds)."""
+        revived = {"generation": 0, "pm": 0}
+        for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
+            try:
+                return {**self._produce(iteration, on_phase or (lambda *a: None)),
+                        "restarts_generation": revived["generation"], "restarts_pm": revived["pm"]}
+            except ray.exceptions.RayActorError as e:
+                version, ref = self.weights
+                if attempt == self.cfg.ppo.max_actor_restarts or (ref is None and version):
+                    raise  # no weights to revive a generator with while the learners train: Prefetch redoes it
+                for k, v in self.revive(e).items():
+                    revived[k] += v
+
+    def _produce(self, iteration: int, on_phase) -> dict:
+        n, g = self.cfg.ppo.rollout_batch_size, self.cfg.generation
+        prompts = self.stream.take(iteration * n, n)
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        on_phase("generate", iteration)
+        t0 = time.time()
+        batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
+                                   seed=derive_seed(self.cfg.seed, "rollouts", iteration) % 2**31)
+        t1 = time.time()
+        on_phase("score", iteration)
+        batch.pm_score = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
+        t2 = time.time()
+        batch, dropped = drop_nonfinite(batch)
+        self.queue.put(ray.put(batch))
+        return {"time_generate": t1 - t0, "time_score": t2 - t1, "dropped_nonfinite": dropped,
+                "reward_pm": float(batch.pm_score.mean()), "reward_pm_std": float(batch.pm_score.std()),
+                "response_length": float(batch.response_lengths.float().mean()),
+                "tokens_generated": int(batch.response_lengths.sum()), "samples": len(batch)}
+
+    def score_heldout(self, prompts: list[str]) -> tuple[float, float]:
+        """(mean PM reward, mean response length) of one sample per prompt, the same seeds every time."""
+        g = self.cfg.generation
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
+                                   seed=derive_seed(self.cfg.seed, "heldout") % 2**31)
+        scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
+        return float(scores.mean()), float(batch.response_lengths.float().mean())
+
+    # ---- faults and weights
+
+    def revive(self, error: Exception) -> dict:
+        """Replace dead generation workers and a dead PM service; returns how many of each."""
+        with self._lock:
+            gen = self.pool.revive(*self.weights)
+        pm = 0
+        try:
+            ray.get(self.scorer.score.remote([], []), timeout=300)
+        except ray.exceptions.RayActorError:
+            self.scorer = self._start_scorer()
+            pm = 1
+        if not gen and not pm:
+            raise error  # nothing died: the error is not ours to absorb
+        self.restarts["generation"] += gen
+        self.restarts["pm"] += pm
+        print(f"actor failure ({type(error).__name__}): replaced {gen} generation worker(s), {pm} PM service(s)",
+              flush=True)
+        return {"generation": gen, "pm": pm}
+
+    def sync_weights(self, version: int, weights_ref) -> None:
+        """Every generator loads `weights_ref` and holds `version`; a dead one is replaced."""
+        with self._lock:
+            self.weights = (version, weights_ref)
+            for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
+                try:
+                    self.pool.update_weights(version, weights_ref)  # waits for an in-flight generation
+                    return
+                except ray.exceptions.ObjectLostError as e:
+                    raise WeightsLost(f"policy version {version} was lost with the learner that published it") from e
+                except ray.exceptions.RayActorError:
+                    if attempt == self.cfg.ppo.max_actor_restarts:
+                        raise
+                    self.restarts["generation"] += self.pool.revive(*self.weights)
+
+    def drop_weights(self) -> None:
+        """Let the generators' current weights go while the learners train, so the object
+        store puts the next version where they were instead of in new pages (0.5 GB in the
+        learner and in every generator, which map them). A generator that dies before the
+        next sync cannot be revived with them: its batch is produced again after the sync."""
+        self.weights = (self.weights[0], None)
+
+    def drain(self) -> None:
+        """Drop the queued batches (of iterations abandoned by a roll-back)."""
+        while self.queue.qsize():
+            self.queue.get(timeout=60)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        ray.kill(self.scorer)
+
+
+class Prefetch:
+    """Async mode: batch i+1 is generated with version i while the learners train on batch i
+    (staleness 1). In sync mode nothing runs ahead and `take` produces the batch itself."""
+
+    def __init__(self, producer: RolloutProducer, enabled: bool, on_phase):
+        self.producer, self.enabled, self.on_phase = producer, enabled, on_phase
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-prefetch")
+        self.pending: tuple[int, Future] | None = None
+
+    def take(self, iteration: int) -> dict:
+        """Batch `iteration` in the queue: the one made meanwhile, or made now. If an actor died
+        while it was made, it is produced again now (actors replaced, weights synced since:
+        staleness 0)."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending[0] != iteration:
+            self.discard(pending)
+            return self.producer.produce(iteration, self.on_phase)
+        try:
+            return pending[1].result()
+        except ray.exceptions.RayActorError as e:
+            print(f"actor failure while the learners trained ({type(e).__name__}): producing batch "
+                  f"{iteration} again with policy version {self.producer.weights[0]}", flush=True)
+            return self.producer.produce(iteration, self.on_phase)
+
+    def start(self, iteration: int, last: int) -> None:
+        if self.enabled and iteration < last:
+            self.pending = (iteration, self.executor.submit(self.producer.produce, iteration, self.on_phase))
+
+    def discard(self, pending=None) -> None:
+        """Let a batch being made finish (or fail); a roll-back drains it from the queue."""
+        pending = pending or self.pending
+        self.pending = None
+        if pending is not None:
+            pending[1].exception()
+
+    def shutdown(self) -> None:
+        self.discard()
+        self.executor.shutdown()
