@@ -20,6 +20,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 
 from hh_ray.config import GenerationConfig  # noqa: E402
+from hh_ray.runtime import set_torch_threads  # noqa: E402
 
 
 class EngineError(ValueError):
@@ -68,6 +69,14 @@ def make_llm(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
     from vllm import LLM
 
     return LLM(**{**engine_kwargs(model_path, gen_cfg, max_model_len, dtype, seed, runner), **overrides})
+
+
+def make_replica_llm(model_path: str, cpus: float, kv_cache_gib: float, max_model_len: int | None, seed: int):
+    """A serving replica's engine, its torch threads set from the replica's CPU share first
+    (vLLM makes torch.set_num_threads a no-op in its process once an engine exists)."""
+    threads = set_torch_threads(cpus)
+    return make_llm(model_path, GenerationConfig(kv_cache_gib=kv_cache_gib, cpus_per_worker=threads), max_model_len,
+                    seed=seed)
 
 
 def sampling_params(max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from hh_ray.reward_kl import save_reward_axes
+
 
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-n ‖ π₀) = log n − (n − 1)/n, in nats."""
@@ -70,10 +72,4 @@ def plot_best_of_n(curve: list[dict], ppo_rows: list[dict], out) -> None:
     if pts:
         x, y = zip(*pts)
         ax.plot(x, y, "o-", ms=3, alpha=0.7, label="PPO iterations")
-    ax.set_xlabel("√KL(π ‖ π₀)  (nats, per response)")
-    ax.set_ylabel("PM reward")
-    ax.set_title("RL vs rejection sampling")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_reward_axes(fig, ax, out, "RL vs rejection sampling")

@@ -51,16 +51,24 @@ class DataConfig:
 
 
 @dataclass
-class PMConfig:
-    pmp_source: str = doc("", "Comparison data for PM pretraining (PMP); empty = no PMP stage.")
-    pmp_lr: float = doc(1e-4, "PMP learning rate (paper: 0.1x the pretraining LR).")
+class TrainerConfig:
+    """What every supervised learner stage shares (PM, SFT, distillation)."""
+    lr: float = doc(1e-5, "Learning rate (AdamW, constant).")
+    epochs: int = doc(1, "Epochs over the training data.")
+    batch_size: int = doc(16, "Examples per optimizer step, summed over workers.")
+    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    num_workers: int = doc(1, "Ray Train learner workers (DDP).")
+    checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
+
+
+@dataclass
+class PMConfig(TrainerConfig):
     lr: float = doc(1e-5, "HH finetuning learning rate (paper: 0.01x the pretraining LR).")
     epochs: int = doc(1, "Epochs over the comparisons (paper: 1).")
     batch_size: int = doc(16, "Comparisons per optimizer step, summed over workers.")
-    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
-    weight_decay: float = doc(0.0, "AdamW weight decay.")
-    checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
-    num_workers: int = doc(1, "Ray Train learner workers (DDP).")
+    pmp_source: str = doc("", "Comparison data for PM pretraining (PMP); empty = no PMP stage.")
+    pmp_lr: float = doc(1e-4, "PMP learning rate (paper: 0.1x the pretraining LR).")
     cpus_per_worker: int = doc(1, "CPUs per learner worker; Ray sets its torch threads (OMP_NUM_THREADS) from it.")
     strategy: str = doc("ddp", "'ddp' or 'fsdp'.")
 
@@ -116,14 +124,8 @@ class PPOConfig:
 
 
 @dataclass
-class SFTConfig:
-    lr: float = doc(1e-5, "Learning rate (AdamW, constant).")
-    epochs: int = doc(1, "Epochs over the training texts.")
+class SFTConfig(TrainerConfig):
     batch_size: int = doc(16, "Sequences per optimizer step, summed over workers.")
-    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
-    weight_decay: float = doc(0.0, "AdamW weight decay.")
-    num_workers: int = doc(1, "Ray Train learner workers (DDP).")
-    checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
     eval_texts: int = doc(64, "Held-out sequences for the before/after metric (0 = all held out).")
 
 

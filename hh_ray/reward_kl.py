@@ -38,10 +38,19 @@ def plot_reward_vs_sqrt_kl(rows: list[dict], out: Path) -> Path | None:
         a, b, r2 = fit_linear(list(x), list(y))
         xs = [min(x), max(x)]
         ax.plot(xs, [a + b * v for v in xs], "--", label=f"fit: {a:.3f} + {b:.3f}·√KL (R²={r2:.2f})")
+    save_reward_axes(fig, ax, out)
+    return out
+
+
+def save_reward_axes(fig, ax, out: Path, title: str = "") -> None:
+    """PM reward against sqrt(KL) axes, the same in every plot of the run, saved to `out`."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("√KL(π ‖ π₀)  (nats, per response)")
     ax.set_ylabel("PM reward")
+    if title:
+        ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return out

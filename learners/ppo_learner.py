@@ -376,15 +376,15 @@ class PPOLearnerGroup:
     def _call(self, name: str, **args) -> dict:
         try:
             return self.client.call(name, **args)
-        except LearnerGroupRestarted:
-            self.pids = self.client.last_ready["pids"]
+        except LearnerGroupRestarted as restarted:
+            self.pids = restarted.pids
             raise
 
     def wait_restarted(self) -> LearnerGroupRestarted:
         """Block until the group announces its restart (a worker died outside a command)."""
-        ready = self.client.wait_ready()
-        self.pids = ready["pids"]
-        return LearnerGroupRestarted("the learner group restarted after a worker failure", ready["weights"])
+        restarted = LearnerGroupRestarted("the learner group restarted after a worker failure", self.client.wait_ready())
+        self.pids = restarted.pids
+        return restarted
 
     def take_initial_weights(self) -> list:
         """[ObjectRef] to the weights the group started with. The group keeps no ref:

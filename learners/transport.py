@@ -56,9 +56,9 @@ class LearnerGroupRestarted(RuntimeError):
     """A learner worker died and Ray Train restarted the group: it holds the weights it
     started with (`.weights`, [ObjectRef]) until the controller restores a checkpoint."""
 
-    def __init__(self, message: str, weights: list | None = None):
+    def __init__(self, message: str, ready: dict):
         super().__init__(message)
-        self.weights = weights
+        self.weights, self.pids = ready["weights"], ready["pids"]
 
 
 class LearnerError(RuntimeError):
@@ -124,14 +124,13 @@ class CommandClient:
     def __init__(self, commands: list, results, timeout_s: float):
         self.commands, self.results, self.timeout_s = commands, results, timeout_s
         self.seq, self.incarnation = 0, ""
-        self.last_ready: dict = {}  # what the group announced at its last (re)start
 
     def wait_ready(self) -> dict:
         """The announcement of a (re)started group; results of older incarnations are dropped."""
         while True:
             r = self._next("the learner group to start")
             if r.name == READY:
-                self.incarnation, self.last_ready = r.incarnation, r.value
+                self.incarnation = r.incarnation
                 return r.value
 
     def call(self, name: str, **args) -> dict:
@@ -142,9 +141,9 @@ class CommandClient:
         while True:
             r = self._next(f"the answer to {name!r}")
             if r.name == READY:
-                self.incarnation, self.last_ready = r.incarnation, r.value
+                self.incarnation = r.incarnation
                 raise LearnerGroupRestarted(f"the learner group restarted after a worker failure (during {name!r} "
-                                            "or before it)", r.value["weights"])
+                                            "or before it)", r.value)
             if r.seq != self.seq or r.incarnation != self.incarnation:
                 continue  # a late answer to a command the controller gave up on
             if r.error is not None:

@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hh_ray.runtime import set_torch_threads, worker_env
+from actors.vllm_engine import make_replica_llm
+from hh_ray.runtime import worker_env
 from serve.openai_protocol import (APIError, ChatRequest, Limits, chunk_body, completion_body, completion_id,
                                    error_body, hh_prompt, parse_chat_request, policy_prompt, sse)
 
@@ -135,16 +136,10 @@ api = api_app("hh-ray")
 class ChatServer:
     def __init__(self, args: dict):
         a = ServeArgs(**args)
-        # Before the engine starts: vLLM makes torch.set_num_threads a no-op once its engine exists.
-        threads = set_torch_threads(a.cpus_per_replica)
-        from hh_ray.config import GenerationConfig
-        from actors.vllm_engine import make_llm
-
         self.args, self.limits = a, a.limits()
         self.api_key = a.api_key
         self.model_name = a.model_name or Path(a.policy).name
-        self.llm = make_llm(a.policy, GenerationConfig(kv_cache_gib=a.kv_cache_gib, cpus_per_worker=threads),
-                            a.max_model_len or None, seed=a.seed)
+        self.llm = make_replica_llm(a.policy, a.cpus_per_replica, a.kv_cache_gib, a.max_model_len or None, a.seed)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._generate.set_max_batch_size(a.max_batch_size)

@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from hh_ray.comparisons import AlreadyLabeled, ComparisonStore, StoreError, TextTooLong, UnknownPair
-from hh_ray.runtime import set_torch_threads, worker_env
+from actors.vllm_engine import make_replica_llm
+from hh_ray.runtime import worker_env
 from serve.app import API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, deploy, read_body
 from serve.openai_protocol import APIError, hh_prompt, parse_json_object, policy_prompt
 
@@ -112,17 +113,11 @@ collect_api = api_app("hh-ray collect")
 class CollectServer:
     def __init__(self, args: dict):
         a = CollectArgs(**args)
-        # Before the engines start: vLLM makes torch.set_num_threads a no-op once an engine exists.
-        threads = set_torch_threads(a.cpus_per_replica)
-        from hh_ray.config import GenerationConfig
-        from actors.vllm_engine import make_llm
-
         self.args = a
-        gen = GenerationConfig(kv_cache_gib=a.kv_cache_gib, cpus_per_worker=threads)
         paths = [a.policy] + ([a.policy_b] if a.policy_b else [])
         # An engine is not thread-safe: one lock each; requests for different engines run side by side.
-        self.engines = [(make_llm(p, gen, a.max_model_len or None, seed=a.seed + k), threading.Lock())
-                        for k, p in enumerate(paths)]
+        self.engines = [(make_replica_llm(p, a.cpus_per_replica, a.kv_cache_gib, a.max_model_len or None, a.seed + k),
+                         threading.Lock()) for k, p in enumerate(paths)]
         self.snapshots = paths
         self.tokenizer = self.engines[0][0].get_tokenizer()
         self.max_model_len = self.engines[0][0].llm_engine.model_config.max_model_len

@@ -68,7 +68,7 @@ def test_a_late_answer_is_discarded_and_a_restart_is_seen_at_the_next_call():
     results.put(Result(-1, "second", "ready", {"pids": [2], "weights": ["w-start"]}))
     with pytest.raises(LearnerGroupRestarted) as e:
         client.call("train", iteration=2)
-    assert e.value.weights == ["w-start"] and client.last_ready["pids"] == [2]
+    assert e.value.weights == ["w-start"] and e.value.pids == [2]
     # a late answer of the dead incarnation to the same seq number is not taken for the new one's
     results.put(Result(3, "first", "restore", {"path": "old"}))
     results.put(Result(3, "second", "restore", {"path": "new"}))

@@ -48,7 +48,7 @@ from hh_ray.checkpoint import latest_checkpoint
 from hh_ray.orchestration.cluster import ensure_ray
 from hh_ray.orchestration.controller import train_ppo
 from hh_ray.prompt_stream import PromptStream, load_prompts
-from hh_ray.runtime import worker_env
+from hh_ray.runtime import derive_seed, worker_env
 from learners.pm_learner import train_pm
 from serve.collect import start_collect
 
@@ -190,7 +190,7 @@ class OnlineRLHF:
                 pool = pools[distinct.index(snap)]
                 # Distinct seeds per side: two samples of one snapshot must differ.
                 out.append(pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
-                                         seed=seed + k * 1_000_003).responses)
+                                         seed=derive_seed(seed, "side", k) % 2**31).responses)
         finally:
             for p in pools:
                 p.shutdown()
@@ -201,7 +201,7 @@ class OnlineRLHF:
         prompts = self.prompts.take(k * n + have, need)
         a_snap, b_snap = snapshot_pair(self.state["snapshots"])
         t0 = time.time()
-        ra, rb = self._generate((a_snap, b_snap), prompts, seed=self.cfg.seed * 7_919 + k * n + have)
+        ra, rb = self._generate((a_snap, b_snap), prompts, seed=derive_seed(self.cfg.seed, "online", k, have) % 2**31)
         t1 = time.time()
         labels = _remote(_label, o.labeler, self.cfg.model.max_seq_len, o.tie_margin, self.cfg.model.dtype,
                          prompts, ra, rb)
