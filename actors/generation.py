@@ -21,7 +21,8 @@ import ray
 import torch
 
 from hh_ray.config import GenerationConfig, parse_resources
-from hh_ray.rollout import RolloutBatch
+from hh_ray.conversation import end_of_turn_token_ids, stop_strings
+from hh_ray.rollout import RolloutBatch, tokens_before_stop
 from hh_ray.runtime import set_torch_threads, worker_env
 from hh_ray.weights import as_tensors
 
@@ -105,7 +106,7 @@ class GenerationWorker:
     """One vLLM engine. Start it with `start_generation_worker` (which sets num_cpus)."""
 
     def __init__(self, model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
-                 dtype: str = "float32", seed: int = 0):
+                 dtype: str = "float32", seed: int = 0, conversation_format: str = "hh"):
         set_torch_threads(gen_cfg.cpus_per_worker)
         from actors.vllm_engine import make_llm
 
@@ -117,14 +118,20 @@ class GenerationWorker:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.shapes, self.required = expected_weights(model_path)
         self._version = 0
+        # The assistant's turn ends at the format's end-of-turn token (kept: the policy learns
+        # to end its turn) or where the next human turn would start (cut: not the policy's text).
+        self.stop = {"stop": stop_strings(conversation_format),
+                     "stop_token_ids": end_of_turn_token_ids(self.tokenizer, conversation_format)}
 
     # ------------------------------------------------------------ generation
 
     def generate(self, prompt_ids: list[list[int]], prompts: list[str] | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | list[int] | None = 0,
-                 expected_version: int | None = None) -> RolloutBatch:
-        """Sample one response per prompt.
+                 expected_version: int | None = None, stop: list[str] | None = None) -> RolloutBatch:
+        """Sample one response per prompt; it ends with the turn (the conversation format's
+        end-of-turn token, kept, or its stop string, cut) or at max_new_tokens. `stop`: more stop
+        strings, cut like the format's.
 
         `seed`: an int seeds sample i with `seed + i`, a list gives each sample
         its own seed (the pool passes the prompt's index in the whole batch, so
@@ -151,21 +158,28 @@ class GenerationWorker:
             seeds = list(seed)
         else:
             raise GenerationInputError(f"{len(prompt_ids)} prompts but {len(seed)} seeds")
-        params = [sampling_params(seed=s, **kw) for s in seeds]
+        stops = self.stop["stop"] + list(stop or [])
+        params = [sampling_params(seed=s, **kw, stop=stops, stop_token_ids=self.stop["stop_token_ids"]) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         response_ids, logprobs, texts, reasons = [], [], [], []
         for out in outs:
             c = out.outputs[0]
             ids = list(c.token_ids)
+            cut = c.stop_reason in stops  # a stop string: its tokens are not the response's
+            if cut:
+                ids = ids[: tokens_before_stop(ids, c.text, self._decode)]
             response_ids.append(ids)
             # logprobs=0: each step's dict holds the sampled token only.
             logprobs.append([step[t].logprob for step, t in zip(c.logprobs, ids)])
-            texts.append(c.text)
+            texts.append(self._decode(ids) if cut else c.text)
             reasons.append(c.finish_reason or "length")
         if prompts is None:
             prompts = self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
         return RolloutBatch.from_samples(prompt_ids, response_ids, logprobs, [self._version] * len(outs),
                                          prompts, texts, reasons, self.pad_id)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------ weight sync: object store
 
@@ -196,15 +210,13 @@ class GenerationWorker:
 
 
 def start_generation_worker(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
-                            dtype: str = "float32", seed: int = 0, name: str | None = None):
+                            dtype: str = "float32", seed: int = 0, conversation_format: str = "hh"):
     """A GenerationWorker with its resources: `cpus_per_worker` CPUs (Ray sets
     OMP_NUM_THREADS from it) and, on a GPU cluster, `tensor_parallel_size` GPUs."""
     gpus = gen_cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
     opts = dict(num_cpus=gen_cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": worker_env()},
                 resources=parse_resources(gen_cfg.resources, "generation.resources"))
-    if name:
-        opts["name"] = name
-    return GenerationWorker.options(**opts).remote(model_path, gen_cfg, max_model_len, dtype, seed)
+    return GenerationWorker.options(**opts).remote(model_path, gen_cfg, max_model_len, dtype, seed, conversation_format)
 
 
 def get_all(refs: list) -> list:
@@ -234,19 +246,23 @@ class GenerationPool:
     """
 
     def __init__(self, model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
-                 dtype: str = "float32", seed: int = 0, chunks_per_worker: int = 4):
+                 dtype: str = "float32", seed: int = 0, chunks_per_worker: int = 4,
+                 conversation_format: str = "hh"):
         if gen_cfg.num_workers < 1:
             raise ValueError(f"generation.num_workers must be >= 1, got {gen_cfg.num_workers}")
         self.gen_cfg = gen_cfg
         self.chunks_per_worker = chunks_per_worker
         self._start_args = (model_path, gen_cfg, max_model_len, dtype)
-        self._seed = seed
+        self._seed, self.conversation_format = seed, conversation_format
         # Different engine seeds: unseeded requests must not repeat across workers.
-        self.workers = [start_generation_worker(*self._start_args, seed + k) for k in range(gen_cfg.num_workers)]
+        self.workers = [self._start_worker(k) for k in range(gen_cfg.num_workers)]
         infos = ray.get([w.info.remote() for w in self.workers])  # waits until every engine is up
         self.pad_id = infos[0]["pad_id"]
         self.max_model_len = infos[0]["max_model_len"]
         self.vocab_size = infos[0]["vocab_size"]
+
+    def _start_worker(self, k: int):
+        return start_generation_worker(*self._start_args, self._seed + k, self.conversation_format)
 
     def _chunks(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         n_chunks = min(len(prompt_ids), len(self.workers) * self.chunks_per_worker)
@@ -268,7 +284,7 @@ class GenerationPool:
     def generate(self, prompt_ids: list[list[int]], prompts: list[str] | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = 0,
-                 expected_version: int | None = None) -> RolloutBatch:
+                 expected_version: int | None = None, stop: list[str] | None = None) -> RolloutBatch:
         """One response per prompt, in input order (see GenerationWorker.generate)."""
         # Checked here too, so an error names the prompt's index in the caller's list.
         check_prompts(prompt_ids, self.max_model_len, self.vocab_size)
@@ -282,7 +298,7 @@ class GenerationPool:
             ref = worker.generate.remote(
                 [prompt_ids[i] for i in idx], None if prompts is None else [prompts[i] for i in idx],
                 max_new, temperature, top_p, None if seed is None else [seed + i for i in idx],
-                expected_version)
+                expected_version, stop)
             return ref, idx, worker
 
         in_flight = {}
@@ -336,7 +352,7 @@ class GenerationPool:
                 continue
             except ray.exceptions.RayActorError:
                 pass
-            new = start_generation_worker(*self._start_args, self._seed + k)
+            new = self._start_worker(k)
             ray.get(new.info.remote())
             if version:
                 if weights_ref is None:

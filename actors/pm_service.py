@@ -22,6 +22,7 @@ import asyncio
 import ray
 import torch
 
+from hh_ray.conversation import render_transcript
 from hh_ray.runtime import set_torch_threads, worker_env
 
 
@@ -31,7 +32,8 @@ class PMScorer:
     no faster on CPU unless prompts repeat (docs/architecture.md)."""
 
     def __init__(self, pm_path: str, max_len: int = 512, dtype: str = "float32", micro_batch_size: int = 16,
-                 batch_wait_ms: float = 5.0, num_threads: int = 1, autocast: str = "none"):
+                 batch_wait_ms: float = 5.0, num_threads: int = 1, autocast: str = "none",
+                 conversation_format: str = "hh"):
         set_torch_threads(num_threads)
         from hh_ray.models import load_scalar_head_model, store_linear_weights_in_bf16
 
@@ -42,6 +44,7 @@ class PMScorer:
         # scores moved by -0.25 +- 0.22 against fp32 (score std 3.5, correlation 0.9993), and
         # the preferred response of 62 of 64 pairs stayed the same.
         self.autocast = autocast
+        self.conversation_format = conversation_format
         self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -79,13 +82,15 @@ class PMScorer:
             s += len(ts)
 
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """PM score of each transcript prompt + response (HH format)."""
+        """PM score of each conversation: an HH prompt and the assistant's response, rendered in
+        the PM's conversation format."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
             return []
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append(([p + r for p, r in zip(prompts, responses)], fut))
+        texts = [render_transcript(p, r, self.tokenizer, self.conversation_format) for p, r in zip(prompts, responses)]
+        self._pending.append((texts, fut))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return await fut

@@ -9,6 +9,7 @@ as `config.yaml` in the run folder.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from hh_ray.conversation import FORMATS
 from hh_ray.estimators import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 
 
@@ -36,6 +38,7 @@ class ModelConfig:
     max_seq_len: int = doc(512, "Longest prompt+response in tokens; longer transcripts are truncated from the left.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
     cache_dir: str = doc("", "Where converted/generated models are cached; empty = ~/.cache/hh-ray.")
+    conversation_format: str = doc("auto", "How conversations are rendered for the models: 'hh' (the paper's \\n\\nHuman: / \\n\\nAssistant: text; a turn ends at the next Human turn), 'chat' (the tokenizer's chat template; a turn ends at its end-of-turn token) or 'auto' (chat when the policy's tokenizer has a template). A model folder the project wrote keeps the format it was trained in.")
 
 
 @dataclass
@@ -120,6 +123,8 @@ class PPOConfig:
     pm_service_cpus: int = doc(1, "CPUs of the PM scoring service; its torch threads follow.")
     autocast: str = doc("none", "Mixed precision for the learner's policy and critic passes and the PM service: 'bfloat16' (GPUs, or CPUs with AVX512-BF16/AMX: ~2x faster) or 'none'. Weights, optimizer states and the reference pass stay in model.dtype, so the KL against the reference is as exact as without it; PM scores correlate 0.9993 with fp32 ones (demo PM).")
     learner_resources: str = doc("", "Custom Ray resources each learner worker needs, e.g. 'hh_learner=1' to place them on the learner nodes of cluster.yaml.")
+    truncation_penalty: float = doc(0.0, "Subtracted from the PM score of a response cut at generation.max_new_tokens (it did not end its turn); 0 = off.")
+    log_samples: int = doc(4, "Rollouts per iteration written to RUN/samples.jsonl (and a W&B table): prompt, response, finish reason, reward, KL, policy version.")
     max_learner_restarts: int = doc(2, "Ray Train FailureConfig.max_failures: times the learner group restarts from the last checkpoint after a worker dies.")
 
 
@@ -192,6 +197,7 @@ class ConfigError(ValueError):
 # before it starts anything or writes a run folder.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.conversation_format": FORMATS,
     "pm.strategy": ("ddp", "fsdp"),
     "generation.weight_sync": ("object_store",),
     "ppo.kl_estimator": tuple(KL_ESTIMATORS),
@@ -301,6 +307,13 @@ def set_value(cfg: Config, dotted: str, value: Any, where: str = "override") -> 
     value = _coerce(value, fields[dotted].type, f"{where}: {dotted}")
     check_value(dotted, value, f"{where}: {dotted}")
     setattr(obj, leaf, value)
+
+
+def with_value(cfg: Config, dotted: str, value: Any) -> Config:
+    """A copy of `cfg` with one field set (and checked); `cfg` itself is left as it is."""
+    out = copy.deepcopy(cfg)
+    set_value(out, dotted, value)
+    return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from hh_ray.conversation import pm_format
 from hh_ray.data import KIND_WORDS, Comparison
 
 _KIND = set(KIND_WORDS)
@@ -63,6 +64,7 @@ class PMLabeler:
 
         self.model, self.tokenizer = load_scalar_head_model(pm_dir, dtype)
         self.model.eval()
+        self.format = pm_format(pm_dir)
         self.max_len, self.tie_margin = max_len, tie_margin
         self.labeler_id = labeler_id or f"pm:{Path(pm_dir).resolve()}"
 
@@ -73,7 +75,7 @@ class PMLabeler:
             return []
         r_a, r_b = score_comparisons(self.model, self.tokenizer,
                                      [Comparison(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)],
-                                     self.max_len)
+                                     self.max_len, fmt=self.format)
         out = []
         for sa, sb in zip(r_a.tolist(), r_b.tolist()):
             p_a = 1 / (1 + math.exp(-(sa - sb))) if math.isfinite(sa - sb) else 0.5

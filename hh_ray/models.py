@@ -42,9 +42,11 @@ def _dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------- where models come from
 
 def resolve_model(name: str, cache_dir: str = "") -> str:
-    """A local folder for 'tiny' / 'smollm2' (built once, then cached); other names pass through."""
+    """A local folder for 'tiny' / 'tiny-chat' / 'smollm2' (built once, then cached); other names pass through."""
     if name == "tiny":
         return str(build_tiny_model(cache_root(cache_dir) / "tiny"))
+    if name == "tiny-chat":
+        return str(build_tiny_model(cache_root(cache_dir) / "tiny-chat", chat_template=True))
     if name == "smollm2":
         return str(prepare_smollm2(cache_root(cache_dir) / "smollm2-135m-instruct"))
     path = Path(name).expanduser()
@@ -66,28 +68,49 @@ def _tiny_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on the fly on synthetic HH text."""
+# ChatML, the template of SmolLM2 and Qwen: what a tokenizer with a chat template looks
+# like, small enough for tests to hand-check the rendered text.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, chat_template: bool = False):
+    """A byte-level BPE tokenizer trained on the fly on synthetic HH text.
+
+    With `chat_template` the ChatML turn tokens are reserved in the trained vocabulary
+    (ids 1 and 2, so the model needs no resizing) and the ChatML template is set; without
+    it the tokenizer is exactly the plain one the tests' numbers were computed with.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    extra = list(CHAT_TOKENS) if chat_template else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", *extra],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_tiny_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    kwargs = {"additional_special_tokens": extra} if chat_template else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", **kwargs)
+    if chat_template:
+        fast.chat_template = CHATML_TEMPLATE
+    return fast
 
 
-def build_tiny_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A random Llama-style causal LM (head_dim 32, as vLLM's CPU kernels need) saved as an HF folder."""
+def build_tiny_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, chat_template: bool = False) -> Path:
+    """A random Llama-style causal LM (head_dim 32, as vLLM's CPU kernels need) saved as an HF folder.
+
+    `chat_template=True` gives its tokenizer the ChatML turn tokens and template
+    ('tiny-chat'), for tests of the chat conversation format.
+    """
     out = Path(out)
     if (out / "config.json").exists():
         return out
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(chat_template=chat_template)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
                       head_dim=32, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
@@ -128,11 +151,15 @@ def prepare_smollm2(out: Path) -> Path:
     return out
 
 
-def _save_atomically(model, tokenizer, out: Path) -> None:
+def _save_atomically(model, tokenizer, out: Path, conversation_format: str | None = None) -> None:
     """Write to a temp folder and rename, so a killed conversion never leaves half a model."""
+    from hh_ray.conversation import write_format
+
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if conversation_format is not None:
+        write_format(tmp, conversation_format)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(out)
@@ -271,11 +298,13 @@ def store_linear_weights_in_bf16(model) -> None:
             p.data = p.data.to(torch.bfloat16) if id(p) in to_bf16 else p.data.clone()
 
 
-def save_model(model, tokenizer, out: str | Path) -> Path:
+def save_model(model, tokenizer, out: str | Path, conversation_format: str | None = None) -> Path:
+    """An HF folder that from_pretrained and vLLM load as it is, recording the conversation
+    format the model was trained in (hh_ray.conversation.FORMAT_FILE) when given."""
     out = Path(out)
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    _save_atomically(model, tokenizer, out)
+    _save_atomically(model, tokenizer, out, conversation_format)
     return out

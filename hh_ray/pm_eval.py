@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hh_ray.conversation import pm_format, render_transcript
 from hh_ray.data import Comparison, DataError, load_comparisons, train_eval_split
 
 NUM_BINS = 10
@@ -100,9 +101,15 @@ def pm_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, turns: list[int
 
 # ---------------------------------------------------------------- scoring
 
+def comparison_texts(comparisons: list[Comparison], tok, fmt: str) -> list[str]:
+    """Every chosen transcript, then every rejected one, rendered in the PM's conversation format."""
+    return ([render_transcript(c.prompt, c.chosen, tok, fmt) for c in comparisons]
+            + [render_transcript(c.prompt, c.rejected, tok, fmt) for c in comparisons])
+
+
 @torch.no_grad()
-def score_comparisons(model, tok, comparisons: list[Comparison], max_len: int,
-                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def score_comparisons(model, tok, comparisons: list[Comparison], max_len: int, batch_size: int = 16,
+                      fmt: str = "hh") -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected) for every comparison, the score read at the end-of-context token."""
     from hh_ray.models import encode_for_pm, pm_scores
 
@@ -111,8 +118,7 @@ def score_comparisons(model, tok, comparisons: list[Comparison], max_len: int,
     for i in range(0, len(comparisons), batch_size):
         batch = comparisons[i: i + batch_size]
         # One forward for both sides: half the Python overhead, same numbers.
-        texts = [c.prompt + c.chosen for c in batch] + [c.prompt + c.rejected for c in batch]
-        enc = encode_for_pm(tok, texts, max_len)
+        enc = encode_for_pm(tok, comparison_texts(batch, tok, fmt), max_len)
         device = next(model.parameters()).device
         scores = pm_scores(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
         chosen.append(scores[: len(batch)])
@@ -215,11 +221,11 @@ def save_report(results: dict, r_chosen: torch.Tensor, r_rejected: torch.Tensor,
 
 
 def evaluate_pm(model, tok, comparisons: list[Comparison], max_len: int, out_dir: Path,
-                batch_size: int = 16) -> dict:
+                batch_size: int = 16, fmt: str = "hh") -> dict:
     """Score, compute the metrics, save the report; returns the metrics."""
     if not comparisons:
         raise DataError("no comparisons to evaluate on")
-    r_c, r_r = score_comparisons(model, tok, comparisons, max_len, batch_size)
+    r_c, r_r = score_comparisons(model, tok, comparisons, max_len, batch_size, fmt)
     results = pm_metrics(r_c, r_r, [c.num_turns for c in comparisons])
     save_report(results, r_c, r_r, out_dir)
     return results
@@ -255,7 +261,8 @@ def eval_pm_command(cfg, run_dir: Path, pm_dir: str | None, data: str | None) ->
     if counter:
         print(f"skipped: {counter}")
     model, tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
-    results = evaluate_pm(model, tok, comparisons, cfg.model.max_seq_len, Path(run_dir) / "pm_eval")
+    results = evaluate_pm(model, tok, comparisons, cfg.model.max_seq_len, Path(run_dir) / "pm_eval",
+                          fmt=pm_format(pm_dir))
     results["pm"] = str(pm_dir)
     results["skipped"] = counter
     (Path(run_dir) / "pm_eval" / "pm_eval.json").write_text(json.dumps(results, indent=2))

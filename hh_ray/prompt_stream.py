@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 
 from hh_ray.config import Config, ConfigError
+from hh_ray.conversation import render_prompt
 from hh_ray.data import load_comparisons, prompts_of, train_eval_split
 
 
@@ -60,8 +61,9 @@ class PromptStream:
         return out
 
 
-def load_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts), keeping those that fit the context with a full response."""
+def load_prompts(cfg: Config, tokenizer, conversation_format: str = "hh") -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts) as HH text, keeping those that fit the context with a
+    full response once rendered in the policy's conversation format."""
     comparisons = load_comparisons(cfg.data.source, cfg.data.data_dir, cfg.data.split, cfg.data.skip_bad,
                                    cfg.data.num_synthetic, cfg.seed)
     if cfg.data.eval_split:
@@ -72,7 +74,8 @@ def load_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
     room = cfg.model.max_seq_len - cfg.generation.max_new_tokens
 
     def fits(ps):
-        return [p for p, ids in zip(ps, tokenizer(ps, add_special_tokens=False)["input_ids"]) if 0 < len(ids) <= room]
+        rendered = [render_prompt(p, tokenizer, conversation_format) for p in ps]
+        return [p for p, ids in zip(ps, tokenizer(rendered, add_special_tokens=False)["input_ids"]) if 0 < len(ids) <= room]
 
     train_p, eval_p = fits(prompts_of(train)), fits(prompts_of(held_out))[: cfg.ppo.eval_prompts]
     if not train_p:

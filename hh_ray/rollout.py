@@ -12,6 +12,23 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 
+def tokens_before_stop(token_ids: list[int], text: str, decode) -> int:
+    """How many of a response's tokens lie before its stop string.
+
+    vLLM cuts the text before the stop string but keeps the tokens up to the one
+    that completed it; the trained response must end where the scored text does.
+    `text` is the cut text, `decode(ids) -> str`. A token that straddles the cut
+    is dropped with the stop string."""
+    lo, hi = 0, len(token_ids)
+    while lo < hi:  # the longest prefix whose text fits in `text` (decoded length grows with the prefix)
+        mid = (lo + hi + 1) // 2
+        if len(decode(token_ids[:mid])) <= len(text):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @dataclass
 class RolloutBatch:
     input_ids: torch.Tensor           # [B, T] prompt + response, right-padded
@@ -21,7 +38,7 @@ class RolloutBatch:
     policy_version: torch.Tensor      # [B] version of the weights that made each sample
     prompts: list[str]
     responses: list[str]
-    finish_reasons: list[str]
+    finish_reasons: list[str]         # 'stop': the response ended its turn; 'length': cut at max_new_tokens
     pm_score: torch.Tensor | None = None      # [B] PM score of prompt + response
     ref_logprobs: torch.Tensor | None = None  # [B, T] initial policy's log-probs, same alignment
 
@@ -31,6 +48,11 @@ class RolloutBatch:
     @property
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
+
+    @property
+    def ended(self) -> torch.Tensor:
+        """[B] True where the response ended its turn by itself (not cut at the token cap)."""
+        return torch.tensor([r == "stop" for r in self.finish_reasons])
 
     @classmethod
     def from_samples(cls, prompt_ids: list[list[int]], response_ids: list[list[int]],

@@ -3,6 +3,7 @@
 A run folder holds:
   config.yaml     the resolved config
   metrics.jsonl   one JSON object per logged step: {"stage", "step", "time", ...}
+  samples.jsonl   a few rollouts per PPO iteration: prompt, response, finish reason, reward, KL, version
   pm/ policy/ critic/   models the run made, as HF folders
   checkpoints/    resumable state
   wandb/          W&B run files (offline unless WANDB_API_KEY is set)
@@ -92,6 +93,20 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({f"{row['stage']}/{k}": v for k, v in row.items()
                              if isinstance(v, (int, float)) and k not in ("step", "time")}, step=None)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Rollouts to read beside the curves: appended to samples.jsonl, and a W&B table."""
+        if not rows:
+            return
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in r.items()}}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            columns = ["step", *rows[0]]
+            self._wandb.log({f"{self.stage}/samples": wandb.Table(
+                columns=columns, data=[[step, *(_jsonable(r[c]) for c in columns[1:])] for r in rows])})
 
     def summary(self, values: dict) -> None:
         if self._wandb is not None:

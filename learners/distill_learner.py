@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from hh_ray.checkpoint import latest_checkpoint, read_state
-from hh_ray.config import Config
+from hh_ray.config import Config, with_value
+from hh_ray.conversation import model_format
 from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, loss_mask, loss_tokens,
                             next_token_logp, pad_rows, prompt_kv, read_prompt, save_shard, sft_example,
                             stack_targets, teacher_rows, token_nll, topk_kl, write_meta)
@@ -233,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
         return
     report_eval("after")
     if w.rank == 0:
-        save_model(unwrap(model), tok, config["policy_dir"])
+        save_model(unwrap(model), tok, config["policy_dir"], conversation_format=cfg.model.conversation_format)
         w.queue.put({"event": "done", "global_step": pos["global_step"], "examples_seen": pos["examples_seen"]})
 
 
@@ -260,16 +261,22 @@ def distill_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]
 
 
 def sft_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]:
-    """(train, held-out, [], info): prompt + chosen response + EOS of the config's comparisons."""
+    """(train, held-out, [], info): the config's comparisons as prompt + chosen response + the
+    format's end-of-turn token (hh: EOS), the prompt rendered in the policy's conversation format."""
+    from hh_ray.conversation import end_of_turn_token_ids, render_prompt
     from hh_ray.pm_eval import pm_comparisons
 
     counts: dict = {}
     train, held_out = pm_comparisons(cfg, counts)
+    fmt = cfg.model.conversation_format
+    end = end_of_turn_token_ids(tok, fmt)[0]
+    # The chat template puts the response right after the generation prompt; HH text after a space.
+    response = (lambda c: c.chosen) if fmt == "hh" else (lambda c: c.chosen.strip())
 
     def encode(pairs):
-        p = tok([c.prompt for c in pairs], add_special_tokens=False)["input_ids"]
-        r = tok([c.chosen for c in pairs], add_special_tokens=False)["input_ids"]
-        return [sft_example(a, b, tok.eos_token_id, cfg.model.max_seq_len) for a, b in zip(p, r)]
+        p = tok([render_prompt(c.prompt, tok, fmt) for c in pairs], add_special_tokens=False)["input_ids"]
+        r = tok([response(c) for c in pairs], add_special_tokens=False)["input_ids"]
+        return [sft_example(a, b, end, cfg.model.max_seq_len) for a, b in zip(p, r)]
 
     return encode(train), encode(held_out), [], {f"skipped_{k}": v for k, v in counts.items()}
 
@@ -355,6 +362,9 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
     ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
 
     init_path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
+    # The policy keeps the conversation format of the model it starts from.
+    cfg = with_value(cfg, "model.conversation_format",
+                     model_format(init_path, cfg.model.conversation_format, load_tokenizer(init_path)))
     train, held_out, prompt_ids, info = (distill_examples if stage == "distill" else sft_examples)(
         cfg, load_tokenizer(init_path))
     if s.eval_texts:

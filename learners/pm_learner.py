@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 from hh_ray.checkpoint import latest_checkpoint, prune_checkpoints, read_state
+from hh_ray.config import with_value
+from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import DataError, load_comparisons
 from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer
 from learners.kit import (adamw, all_reduce_sum, clip_and_step, full_model_state, no_sync_unless,
@@ -104,15 +106,16 @@ def checkpoint(root: Path, model, opt, pos: dict, rank: int) -> None:
 
 # ---------------------------------------------------------------- the learner (one per Ray Train worker)
 
-def train_step(model, opt, tok, pairs, micro_batches, max_len, global_n, world, device) -> tuple[float, float]:
+def train_step(model, opt, tok, pairs, micro_batches, max_len, global_n, world, device,
+               fmt: str = "hh") -> tuple[float, float]:
     """One optimizer step over this worker's micro-batches; returns (summed loss, correct pairs)."""
     from hh_ray.models import encode_for_pm
-    from hh_ray.pm_eval import pairwise_loss
+    from hh_ray.pm_eval import comparison_texts, pairwise_loss
 
     loss_sum, correct = 0.0, 0.0
     for k, ids in enumerate(micro_batches):
         batch = [pairs[i] for i in ids]
-        enc = encode_for_pm(tok, [c.prompt + c.chosen for c in batch] + [c.prompt + c.rejected for c in batch], max_len)
+        enc = encode_for_pm(tok, comparison_texts(batch, tok, fmt), max_len)
         # Gradients are all-reduced only on the last micro-batch.
         with no_sync_unless(model, sync=k == len(micro_batches) - 1):
             # The model's own forward pools at the last non-pad token, which is
@@ -142,7 +145,7 @@ def train_stage(model, opt, tok, stage: dict, si: int, pos: dict, config: dict, 
             ids = step_ids(order, step, pm.batch_size)
             t0 = time.perf_counter()
             loss_sum, correct = train_step(model, opt, tok, pairs, worker_micro_batches(ids, rank, world, pm.grad_accum),
-                                           cfg.model.max_seq_len, len(ids), world, device)
+                                           cfg.model.max_seq_len, len(ids), world, device, cfg.model.conversation_format)
             loss_sum, correct = all_reduce_sum([loss_sum, correct])
             dt = time.perf_counter() - t0
             pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
@@ -203,16 +206,18 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         final, _ = load_scalar_head_model(config["init_path"], cfg.model.dtype)
         final.load_state_dict(full)
-        save_model(final, tok, config["pm_dir"])
+        save_model(final, tok, config["pm_dir"], conversation_format=cfg.model.conversation_format)
         config["metrics_queue"].put({"done": True, "global_step": pos["global_step"],
                                      "examples_seen": pos["examples_seen"], "seen_digest": pos["seen_digest"]})
 
 
 # ---------------------------------------------------------------- the driver
 
-def count_truncated(tok, comparisons, max_len: int) -> int:
+def count_truncated(tok, comparisons, max_len: int, fmt: str = "hh") -> int:
     """Transcripts longer than max_len tokens (end-of-context token included); they lose their start."""
-    texts = [c.prompt + r for c in comparisons for r in (c.chosen, c.rejected)]
+    from hh_ray.pm_eval import comparison_texts
+
+    texts = comparison_texts(comparisons, tok, fmt)
     lengths = [len(ids) + 1 for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     return sum(n > max_len for n in lengths)
 
@@ -252,7 +257,7 @@ def evaluate_saved_pm(pm_dir: str, comparisons, max_len: int, dtype: str, out_di
 
     model, tok = load_scalar_head_model(pm_dir, dtype)
     t0 = time.perf_counter()
-    results = evaluate_pm(model, tok, comparisons, max_len, Path(out_dir))
+    results = evaluate_pm(model, tok, comparisons, max_len, Path(out_dir), fmt=pm_format(pm_dir))
     results["seconds_per_1000_pairs_scored"] = (time.perf_counter() - t0) / len(comparisons) * 1000
     (Path(out_dir) / "pm_eval.json").write_text(json.dumps(results, indent=2))
     return results
@@ -260,14 +265,16 @@ def evaluate_saved_pm(pm_dir: str, comparisons, max_len: int, dtype: str, out_di
 
 def prepare_data(cfg) -> tuple[list[dict], list, str, dict]:
     """(stages, held-out comparisons, PM init path, counts to log), refused when a stage makes no step;
-    logs the plan and how many transcripts the context length cuts."""
+    logs the plan and how many transcripts the context length cuts. `cfg.model.conversation_format`
+    must be resolved (train_pm does it)."""
     from hh_ray.models import load_pm_tokenizer, resolve_model
 
     stages, held_out, counts = build_stages(cfg)
     check_settings(cfg, stages)
     init_path = resolve_model(cfg.model.pm or cfg.model.policy, cfg.model.cache_dir)
     tok = load_pm_tokenizer(init_path)
-    truncated = count_truncated(tok, [c for s in stages for c in s["comparisons"]] + held_out, cfg.model.max_seq_len)
+    truncated = count_truncated(tok, [c for s in stages for c in s["comparisons"]] + held_out, cfg.model.max_seq_len,
+                                cfg.model.conversation_format)
     plan = " → ".join(f"{s['name']} {len(s['comparisons'])} pairs (lr {s['lr']:g})" for s in stages)
     print(f"PM data: {plan}; "
           f"held out {len(held_out)}; skipped {counts or 'none'}; {truncated} transcripts over "
@@ -318,8 +325,14 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     from hh_ray.pm_eval import flat_summary, format_table
     from hh_ray.tracking import Tracker
 
+    from hh_ray.models import load_pm_tokenizer, resolve_model
+
     run_dir = Path(run_dir).resolve()
     ckpt_root, latest = checkpoint_to_resume(run_dir, resume)
+    # The PM reads conversations as the policy it will score writes them: in its backbone's format.
+    init = resolve_model(cfg.model.pm or cfg.model.policy, cfg.model.cache_dir)
+    cfg = with_value(cfg, "model.conversation_format",
+                     model_format(init, cfg.model.conversation_format, load_pm_tokenizer(init)))
     stages, held_out, init_path, info = prepare_data(cfg)
 
     import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)

@@ -182,7 +182,9 @@ class PPOWorker:
                                    "time_learn_forward": t_forward, "time_learn_update": time.time() - t0 - t_forward})
         t1 = time.time()
         weights = self.publish()  # no ref stays here: once the generators hold them, the object is freed
-        return {"weights": weights, "metrics": {**metrics, "time_learn_publish": time.time() - t1}}
+        return {"weights": weights, "metrics": {**metrics, "time_learn_publish": time.time() - t1},
+                # the KL of the logged samples (rank 0's first rows: batch rows 0, world, 2·world, …)
+                "sample_kl": exp.kl_k1[: self.p.log_samples].tolist()}
 
     def fused(self, shard: RolloutBatch) -> bool:
         """One epoch over one minibatch (the paper's main setting): the critic's first training
@@ -324,8 +326,9 @@ class PPOWorker:
         """The run's final policy/ and critic/ Hugging Face folders."""
         if self.rank == 0:
             models, _ = self.models()
-            save_model(models["policy"], self.policy_tokenizer, Path(path) / "policy")
-            save_model(models["critic"], self.critic_tokenizer, Path(path) / "critic")
+            fmt = self.cfg.model.conversation_format  # resolved by the controller
+            save_model(models["policy"], self.policy_tokenizer, Path(path) / "policy", conversation_format=fmt)
+            save_model(models["critic"], self.critic_tokenizer, Path(path) / "critic", conversation_format=fmt)
         return {"path": path}
 
 
@@ -392,10 +395,11 @@ class PPOLearnerGroup:
         weights, self._initial_weights = self._initial_weights, None
         return weights
 
-    def train(self, batch_ref, iteration: int) -> tuple[list, dict]:
-        """One PPO update on a rollout batch (an ObjectRef); returns ([new weights ref], metrics)."""
+    def train(self, batch_ref, iteration: int) -> tuple[list, dict, list[float]]:
+        """One PPO update on a rollout batch (an ObjectRef); returns ([new weights ref], metrics,
+        the KL of the logged samples)."""
         msg = self._call("train", batch=[batch_ref], iteration=iteration)
-        return msg["weights"], msg["metrics"]
+        return msg["weights"], msg["metrics"], msg["sample_kl"]
 
     def checkpoint(self, root: Path, step: int, controller_state: dict) -> Path:
         return Path(self._call("checkpoint", root=str(root), step=step, controller_state=controller_state)["path"])

@@ -38,6 +38,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.vllm_engine import make_replica_llm
+from hh_ray.conversation import model_format, pm_format
 from hh_ray.runtime import worker_env
 from serve.openai_protocol import (APIError, ChatRequest, Limits, chunk_body, completion_body, completion_id,
                                    error_body, hh_prompt, parse_chat_request, policy_prompt, sse)
@@ -69,6 +70,8 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(32, ge=1, description="Requests per vLLM batch (@serve.batch).")
     batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
     seed: int = Field(0, description="Engine seed.")
+    conversation_format: str = Field("auto", description="'hh', 'chat' or 'auto'; the policy folder's recorded "
+                                                         "format wins, and a contradicting one is refused.")
 
     def limits(self) -> Limits:
         return Limits(max_request_bytes=self.max_request_bytes, max_tokens=self.max_tokens,
@@ -139,6 +142,7 @@ class ChatServer:
         self.args, self.limits = a, a.limits()
         self.api_key = a.api_key
         self.model_name = a.model_name or Path(a.policy).name
+        self.format = a.conversation_format  # resolved by build_app: the format the policy was trained in
         self.llm = make_replica_llm(a.policy, a.cpus_per_replica, a.kv_cache_gib, a.max_model_len or None, a.seed)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -149,7 +153,7 @@ class ChatServer:
             from actors.pm_service import start_pm_scorer
 
             # The rollout side's scorer, owned by this replica (it dies with it).
-            self.pm = start_pm_scorer(a.pm, max_len=a.pm_max_len)
+            self.pm = start_pm_scorer(a.pm, max_len=a.pm_max_len, conversation_format=pm_format(a.pm))
         self.ood = self.ood_model = None
         if a.ood:
             from hh_ray.models import load_policy
@@ -174,7 +178,7 @@ class ChatServer:
     async def _read_body(self, request: Request) -> bytes:
         return await read_body(request, self.limits.max_request_bytes)
 
-    def _sampling(self, req: ChatRequest, best_of: int, default_stop: list[str], prompt_len: int):
+    def _sampling(self, req: ChatRequest, best_of: int, default_stop: list[str], stop_ids: list[int], prompt_len: int):
         from actors.vllm_engine import sampling_params
 
         room = self.max_model_len - prompt_len
@@ -184,6 +188,7 @@ class ChatServer:
                                 "Shorten the messages or lower max_tokens.", "messages", "context_length_exceeded")
         return sampling_params(min(req.max_tokens, room), temperature=req.temperature, top_p=req.top_p,
                                seed=req.seed, logprobs=False, n=req.n * best_of, stop=req.stop + default_stop,
+                               stop_token_ids=stop_ids,
                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -210,9 +215,9 @@ class ChatServer:
                            "best_of", "unsupported_parameter")
         if req.n * best_of > self.limits.max_best_of * self.limits.max_n:
             raise APIError(400, f"n x best_of = {req.n * best_of} candidates is over the limit", "best_of")
-        text, default_stop = policy_prompt(req.messages, self.tokenizer)
+        text, default_stop, stop_ids = policy_prompt(req.messages, self.tokenizer, self.format)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        params = self._sampling(req, best_of, default_stop, len(ids))
+        params = self._sampling(req, best_of, default_stop, stop_ids, len(ids))
         # The HH transcript is what the PM and the OOD detector were fitted on.
         return dict(req=req, ids=ids, params=params, best_of=best_of, hh=hh_prompt(req.messages))
 
@@ -315,6 +320,7 @@ def build_app(args: dict) -> serve.Application:
     from hh_ray.models import resolve_model
 
     a.policy = resolve_model(a.policy)
+    a.conversation_format = serving_format(a.policy, a.conversation_format, a.pm)
     if a.best_of_n > 1 and not a.pm:
         raise ValueError(f"best_of_n={a.best_of_n} needs a preference model (pm=DIR / --pm DIR)")
     for name in ("pm", "ood"):
@@ -326,6 +332,18 @@ def build_app(args: dict) -> serve.Application:
     return ChatServer.options(num_replicas=a.replicas,
                               ray_actor_options={"num_cpus": a.cpus_per_replica,
                                                  "runtime_env": {"env_vars": worker_env()}}).bind(a.model_dump())
+
+
+def serving_format(policy: str, requested: str, pm: str = "") -> str:
+    """The format a policy is served in: the one it was trained in (its folder's record), checked
+    against the PM's, before any replica starts."""
+    from hh_ray.models import load_tokenizer
+
+    fmt = model_format(policy, requested, load_tokenizer(policy))
+    if pm and Path(pm).exists() and pm_format(pm) != fmt:
+        raise ValueError(f"pm: {pm} scores conversations in the {pm_format(pm)!r} format, the policy "
+                         f"{policy} is served in {fmt!r}")
+    return fmt
 
 
 def check_bind(host: str, api_key: str) -> None:

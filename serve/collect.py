@@ -37,7 +37,8 @@ from ray import serve
 from hh_ray.comparisons import AlreadyLabeled, ComparisonStore, StoreError, TextTooLong, UnknownPair
 from actors.vllm_engine import make_replica_llm
 from hh_ray.runtime import worker_env
-from serve.app import API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, deploy, read_body
+from serve.app import (API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, deploy, read_body,
+                       serving_format)
 from serve.openai_protocol import APIError, hh_prompt, parse_json_object, policy_prompt
 
 PAGE = Path(__file__).parent / "static" / "collect.html"
@@ -62,6 +63,8 @@ class CollectArgs(BaseModel):
     kv_cache_gib: float = Field(0.5, gt=0, description="vLLM KV cache per engine in GiB (CPU).")
     max_model_len: int = Field(0, ge=0, description="Prompt + response token limit; 0 = the model's.")
     seed: int = Field(0, description="Engine seed.")
+    conversation_format: str = Field("auto", description="'hh', 'chat' or 'auto'; the snapshots' recorded format "
+                                                         "wins, and both snapshots must share one.")
 
 
 # ---------------------------------------------------------------- request checks (pure)
@@ -125,7 +128,7 @@ class CollectServer:
         self.page = PAGE.read_text()
         self.rng = random.Random(a.seed)
 
-    def _sample(self, engine: int, ids: list[int], n: int, stop: list[str]) -> list[str]:
+    def _sample(self, engine: int, ids: list[int], n: int, stop: tuple[list[str], list[int]]) -> list[str]:
         from actors.vllm_engine import sampling_params
 
         llm, lock = self.engines[engine]
@@ -135,14 +138,14 @@ class CollectServer:
                                 f"{self.max_model_len}. Start a new conversation.", "messages",
                            "context_length_exceeded")
         params = sampling_params(min(self.args.max_new_tokens, room), temperature=self.args.temperature,
-                                 logprobs=False, n=n, stop=stop)
+                                 logprobs=False, n=n, stop=stop[0], stop_token_ids=stop[1])
         with lock:
             out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
         return [c.text for c in out.outputs]
 
     async def _two_responses(self, messages: list[dict]) -> list[tuple[str, str]]:
         """[(text, snapshot), (text, snapshot)]: one from each snapshot, or two samples of one."""
-        text, stop = policy_prompt(messages, self.tokenizer)
+        text, *stop = policy_prompt(messages, self.tokenizer, self.args.conversation_format)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(self.engines) == 1:
             texts = await asyncio.to_thread(self._sample, 0, ids, 2, stop)
@@ -201,8 +204,11 @@ def build_collect_app(args: dict) -> serve.Application:
     from hh_ray.models import resolve_model
 
     a.policy = resolve_model(a.policy)
+    a.conversation_format = serving_format(a.policy, a.conversation_format)
     if a.policy_b:
         a.policy_b = resolve_model(a.policy_b)
+        if serving_format(a.policy_b, a.conversation_format) != a.conversation_format:
+            raise ValueError(f"policy_b: {a.policy_b} was trained in another conversation format than {a.policy}")
     a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
     a.db = str(Path(a.db).resolve())  # the replica's working directory is not ours
     ComparisonStore(a.db, a.max_text_chars)  # creates it now: a bad path fails here, not in the replica

@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from hh_ray.data import ASSISTANT, HUMAN
+from hh_ray.conversation import Message, end_of_turn_token_ids, render, stop_strings
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -194,24 +194,23 @@ def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
 
 # ---------------------------------------------------------------- prompts
 
+def _messages(messages: list[dict]) -> list[Message]:
+    return [Message(m["role"], m["content"].strip()) for m in messages]
+
+
 def hh_prompt(messages: list[dict]) -> str:
-    """The conversation as an HH transcript ending in "\\n\\nAssistant:" (the format the PM
-    was trained on). System text goes first, as a preamble, like the paper's HHH prompt."""
-    out = []
-    for m in messages:
-        if m["role"] == "system":
-            out.append(m["content"].strip())
-        else:
-            out.append(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content'].strip()}")
-    return "".join(out) + ASSISTANT
+    """The conversation as an HH transcript ending in "\\n\\nAssistant:", content escaped so it
+    cannot open a turn: the canonical form the PM service, the OOD detector and the comparison
+    store take (each renders it in its own format). System text goes first, as a preamble,
+    like the paper's HHH prompt."""
+    return render(_messages(messages), None, "hh", add_generation_prompt=True)
 
 
-def policy_prompt(messages: list[dict], tokenizer) -> tuple[str, list[str]]:
-    """(the prompt the policy sees, default stop strings): its chat template if it has one,
-    else the HH transcript, stopping where the model would start the next Human turn."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), []
-    return hh_prompt(messages), [HUMAN]
+def policy_prompt(messages: list[dict], tokenizer, fmt: str) -> tuple[str, list[str], list[int]]:
+    """(the prompt the policy sees, stop strings, stop token ids) in the conversation format the
+    policy was trained in: the reply ends where the assistant's turn ends."""
+    return (render(_messages(messages), tokenizer, fmt, add_generation_prompt=True), stop_strings(fmt),
+            end_of_turn_token_ids(tokenizer, fmt))
 
 
 # ---------------------------------------------------------------- responses

@@ -34,6 +34,14 @@ def tiny_model(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_model(cache_dir):
+    """Path of the tiny random Llama whose tokenizer has a ChatML chat template ('tiny-chat')."""
+    from hh_ray.models import resolve_model
+
+    return resolve_model("tiny-chat", cache_dir)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(cache_dir):
     """A real local Ray cluster for the whole session.
 

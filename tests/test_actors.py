@@ -264,3 +264,48 @@ def test_tied_output_layer_is_synced(ray_cluster, tiny_model, gen_cfg, prompts, 
         assert (batch.behaviour_logprobs - hf)[batch.response_mask.bool()].abs().max() < 1e-3
     finally:
         pool.shutdown()
+
+
+def test_a_response_stopped_at_the_turn_boundary_is_the_prefix_of_the_unstopped_one(pool, prompts):
+    """With the same seed, a stop string cuts the response where it begins: text and token ids
+    are prefixes of the unstopped sample's, and the stop string's tokens are not kept."""
+    texts, ids = prompts
+    free = pool.generate(ids, texts, temperature=1.0, max_new_tokens=MAX_NEW, seed=11)
+    # a stop string each response really produces: a piece of its own text
+    i = next(k for k, r in enumerate(free.responses) if len(r) > 8)
+    stop = free.responses[i][len(free.responses[i]) // 2:][:3]
+    cut = pool.generate(ids, texts, temperature=1.0, max_new_tokens=MAX_NEW, seed=11, stop=[stop])
+    assert cut.finish_reasons[i] == "stop" and stop not in cut.responses[i]
+    for k in range(len(ids)):
+        assert free.responses[k].startswith(cut.responses[k])
+        full, part = response_ids(free)[k], response_ids(cut)[k]
+        assert full[: len(part)] == part
+        assert torch.allclose(cut.behaviour_logprobs[k][cut.response_mask[k].bool()],
+                              free.behaviour_logprobs[k][free.response_mask[k].bool()][: len(part)], atol=1e-5)
+    assert len(response_ids(cut)[i]) < len(response_ids(free)[i])
+    assert cut.ended[i] and not bool((~cut.ended).all())
+
+
+def test_chat_format_ends_the_turn_at_its_end_of_turn_token(ray_cluster, tiny_chat_model, gen_cfg):
+    """The chat template's end-of-turn token stops generation and stays in the trained response;
+    the response text holds no control token."""
+    import dataclasses
+
+    from hh_ray.conversation import end_of_turn_token_ids, render_prompt
+
+    tok = load_tokenizer(tiny_chat_model)
+    end = end_of_turn_token_ids(tok, "chat")
+    hh = prompts_of(synthetic_comparisons(12, seed=5))
+    ids = [tok(render_prompt(p, tok, "chat"), add_special_tokens=False)["input_ids"] for p in hh]
+    chat_pool = GenerationPool(tiny_chat_model, dataclasses.replace(gen_cfg, num_workers=1, max_new_tokens=48),
+                               MAX_LEN, conversation_format="chat")
+    try:
+        batch = chat_pool.generate(ids, hh, temperature=1.0, seed=3)
+    finally:
+        chat_pool.shutdown()
+    for k, r in enumerate(response_ids(batch)):
+        ended = batch.finish_reasons[k] == "stop"
+        assert ended == (r[-1] in end)  # ended by the end-of-turn token, which is kept
+        assert not any(t in end for t in r[:-1])
+        assert "<|im_end|>" not in batch.responses[k]
+    assert batch.ended.any()  # a random tiny model still ends some turns within 48 tokens

@@ -1,6 +1,7 @@
 """The RLHF loop end to end on a real local Ray cluster: vLLM generation actors,
 the PM service and a Ray Train PPO learner group, with the tiny model."""
 
+import json
 import math
 
 import pytest
@@ -41,10 +42,20 @@ def test_reward_rises_with_two_generators_and_two_learners(full_run):
         assert (run_dir / name / "config.json").exists()
     assert (run_dir / "reward_vs_sqrt_kl.png").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
-    # the final policy is a normal HF folder
+    # the final policy is a normal HF folder, which records the format it was trained in
     from transformers import AutoModelForCausalLM
 
+    from hh_ray.conversation import read_format
+
     AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    assert read_format(run_dir / "policy") == read_format(run_dir / "critic") == "hh"
+    assert all(0 <= r["ended_fraction"] <= 1 for r in rows)
+    # samples.jsonl: the first rollouts of every iteration, with their KL, in the HH format
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [k for k in range(1, 11) for _ in range(4)]
+    for s in samples:
+        assert s["finish_reason"] in ("stop", "length") and math.isfinite(s["kl"]) and "\n\nHuman:" not in s["response"]
+        assert s["prompt"].endswith("\n\nAssistant:") and s["policy_version"] == s["step"] - 1
 
 
 def test_fused_value_pass_gives_the_same_update(tiny_pm, tmp_path):
@@ -121,3 +132,31 @@ def test_pm_with_another_tokenizer_is_refused_for_critic_init(tiny_pm, tmp_path,
     cfg = tiny_config(**{"model.pm": tiny_pm, "model.policy": str(other)})
     with pytest.raises(ConfigError, match="tokenizer"):
         RLHFController(cfg, tmp_path / "run")
+
+
+def test_chat_format_end_to_end_on_a_chat_template_model(ray_cluster, tiny_chat_model, tmp_path):
+    """A policy whose tokenizer has a chat template: the PM is trained on chat-rendered
+    conversations, PPO renders its prompts the same way and ends rollouts at the
+    end-of-turn token, and every folder written records the 'chat' format."""
+    from hh_ray.conversation import read_format
+    from learners.pm_learner import train_pm
+
+    cfg = tiny_config(**{"model.policy": tiny_chat_model, "data.num_synthetic": 200, "generation.max_new_tokens": 48})
+    pm = train_pm(cfg, tmp_path / "pm-run")
+    assert read_format(pm) == "chat"
+    run = tmp_path / "ppo"
+    train_ppo(tiny_config(**{"model.policy": tiny_chat_model, "model.pm": str(pm), "ppo.iterations": 2,
+                             "ppo.rollout_batch_size": 16, "ppo.minibatch_size": 16, "ppo.eval_prompts": 0,
+                             "generation.max_new_tokens": 48}), run)
+    assert read_format(run / "policy") == "chat"
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["conversation_format"] == "chat"
+    rows = read_metrics(run, "ppo")
+    assert len(rows) == 2 and all(0 < r["ended_fraction"] <= 1 for r in rows)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all("<|im_end|>" not in s["response"] and "<|im_start|>" not in s["response"] for s in samples)
+    # the HH-format PM of the other tests cannot score this policy's conversations
+    with pytest.raises(ConfigError, match="format"):
+        RLHFController(tiny_config(**{"model.policy": tiny_chat_model, "model.pm": str(pm),
+                                      "model.conversation_format": "hh"}), tmp_path / "refused")

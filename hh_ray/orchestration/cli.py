@@ -202,7 +202,8 @@ def run_serve(cfg: Config, run_dir: Path, args) -> int:
     return run_forever(dict(policy=args.policy, pm=args.pm, best_of_n=args.best_of_n, replicas=args.replicas,
                             api_key=args.api_key, ood=args.ood, ood_refuse=args.ood_refuse,
                             cpus_per_replica=g.cpus_per_worker, kv_cache_gib=g.kv_cache_gib,
-                            default_max_tokens=g.max_new_tokens, pm_max_len=cfg.model.max_seq_len, seed=cfg.seed),
+                            default_max_tokens=g.max_new_tokens, pm_max_len=cfg.model.max_seq_len, seed=cfg.seed,
+                            conversation_format=cfg.model.conversation_format),
                        host=args.host, port=args.port)
 
 
@@ -225,7 +226,8 @@ def run_collect(cfg: Config, run_dir: Path, args) -> int:
                                     max_text_chars=c.max_text_chars, max_turns=c.max_turns,
                                     max_request_bytes=c.max_request_bytes, max_new_tokens=g.max_new_tokens,
                                     temperature=g.temperature, cpus_per_replica=g.cpus_per_worker,
-                                    kv_cache_gib=g.kv_cache_gib, seed=cfg.seed),
+                                    kv_cache_gib=g.kv_cache_gib, seed=cfg.seed,
+                                    conversation_format=cfg.model.conversation_format),
                                host=c.host, port=c.port)
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from actors.rollout_queue import RolloutQueue
 from hh_ray.checkpoint import latest_checkpoint, read_state
-from hh_ray.config import Config, ConfigError
+from hh_ray.config import Config, ConfigError, with_value
+from hh_ray.conversation import model_format, read_format
 from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenizer, resolve_model
 from hh_ray.orchestration.rollouts import Prefetch, RolloutProducer, WeightsLost
 from hh_ray.prompt_stream import PromptStream, load_prompts
@@ -49,9 +50,18 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     return policy, pm
 
 
-def check_config(cfg: Config, policy: str, pm: str) -> None:
-    """What the config loader cannot check: the critic reads the policy's token ids, so a
-    critic started from the PM needs the policy's vocabulary."""
+def check_config(cfg: Config, policy: str, pm: str) -> str:
+    """What the config loader cannot check; returns the run's conversation format.
+
+    The policy is trained in the format its folder records (or `model.conversation_format`
+    resolves to); the PM must score conversations in the same one. The critic reads the
+    policy's token ids, so a critic started from the PM needs the policy's vocabulary."""
+    fmt = model_format(policy, cfg.model.conversation_format, load_tokenizer(policy))
+    pm_fmt = read_format(pm)
+    if pm_fmt is not None and pm_fmt != fmt:
+        raise ConfigError(f"model.pm: {pm} was trained on conversations in the {pm_fmt!r} format, but the policy "
+                          f"({policy}) uses {fmt!r}; train the PM in the policy's format "
+                          f"(model.conversation_format={fmt})")
     if cfg.ppo.critic_init == "pm":
         pol, pmv = load_tokenizer(policy).get_vocab(), load_pm_tokenizer(pm).get_vocab()
         differ = [t for t, i in pol.items() if pmv.get(t) != i]
@@ -59,6 +69,7 @@ def check_config(cfg: Config, policy: str, pm: str) -> None:
             raise ConfigError(f"ppo.critic_init=pm, but the PM's tokenizer ({pm}) differs from the policy's "
                               f"({policy}) in {len(differ)} tokens (e.g. {differ[0]!r}); use a PM trained on the "
                               "policy's backbone, or ppo.critic_init=policy")
+    return fmt
 
 
 def reward_sqrt_kl_table(rows: list[dict]) -> str:
@@ -75,11 +86,12 @@ class RLHFController:
     """Holds the actors and the learner group for the whole run and runs the paper's loop."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir = Path(run_dir)
         self.policy_path, self.pm_path = resolve_paths(cfg)
-        check_config(cfg, self.policy_path, self.pm_path)
+        # Every part of the run reads the resolved format from the config (and config.yaml shows it).
+        self.cfg = cfg = with_value(cfg, "model.conversation_format", check_config(cfg, self.policy_path, self.pm_path))
         self.tokenizer = load_tokenizer(self.policy_path)
-        train_prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer)
+        train_prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer, cfg.model.conversation_format)
         self.checkpoints = self.run_dir / "checkpoints"
         ckpt = latest_checkpoint(self.checkpoints) if resume else None
         if resume and ckpt is None:
@@ -94,7 +106,8 @@ class RLHFController:
         t0 = time.time()
         self.queue = RolloutQueue(maxsize=2)  # the batch being learned on, and the one made meanwhile (async)
         self.rollouts = RolloutProducer(cfg, self.policy_path, self.pm_path, self.tokenizer,
-                                        PromptStream(train_prompts, cfg.seed), self.queue, self.state["restarts"])
+                                        PromptStream(train_prompts, cfg.seed), self.queue, self.state["restarts"],
+                                        cfg.model.conversation_format)
         self.prefetch = Prefetch(self.rollouts, cfg.ppo.mode == "async", self._phase)
         critic = self.pm_path if cfg.ppo.critic_init == "pm" else self.policy_path
         self.learners = PPOLearnerGroup(cfg, LearnerPaths(self.policy_path, critic, str(ckpt) if ckpt else None),
@@ -140,14 +153,16 @@ class RLHFController:
         self.rollouts.drop_weights()
         self._phase("learn", i)
         t0 = time.time()
-        weights, learned = self.learners.train(batch_ref, i)  # make experience (KL, reward, GAE) + PPO update
+        weights, learned, sample_kl = self.learners.train(batch_ref, i)  # make experience (KL, reward, GAE) + PPO update
         t1 = time.time()
         self._phase("sync", i)
         self.sync_weights(i + 1, weights[0])         # version i+1 to every generator
         del weights  # the producer holds them now, for reviving a generator
         self.state.update(iteration=i + 1, policy_version=i + 1, prompt_position=(i + 1) * self.cfg.ppo.rollout_batch_size)
+        samples = [{**s, "kl": kl} for s, kl in zip(produced.pop("logged_samples"), sample_kl)]
         row = self.log(i + 1, produced, learned, {"time_learn": t1 - t0, "time_sync": time.time() - t1,
                                                   "time_iteration": time.time() - t_iter})
+        self.tracker.log_samples(i + 1, samples)
         if (i + 1) % self.cfg.ppo.checkpoint_every == 0 or i + 1 == self.cfg.ppo.iterations:
             self.checkpoint()
         return row
@@ -158,7 +173,7 @@ class RLHFController:
                **{f"restarts_{k}_total": v for k, v in self.state["restarts"].items()}}
         self.tracker.log(step, row)
         print(f"[ppo {step}/{self.cfg.ppo.iterations}] PM reward {row['reward_pm']:+.4f}  KL {row['kl']:.4f}  "
-              f"total {row['reward_total']:+.4f}  len {row['response_length']:.1f}  "
+              f"total {row['reward_total']:+.4f}  len {row['response_length']:.1f}  ended {row['ended_fraction']:.2f}  "
               f"gen {row['time_generate']:.1f}s score {row['time_score']:.1f}s learn {row['time_learn']:.1f}s "
               f"sync {row['time_sync']:.2f}s  staleness {row['staleness']:.0f}", flush=True)
         return {"step": step, **row}

@@ -15,6 +15,7 @@ import numpy as np
 
 from hh_ray.config import Config
 from hh_ray.data import DataError, first_prompt, load_comparisons, prompts_of
+from hh_ray.conversation import model_format, pm_format
 from hh_ray.orchestration.robustness import eval_robustness
 
 
@@ -62,9 +63,9 @@ def eval_best_of_n(cfg: Config, run_dir: Path, args) -> int:
     model, tok = load_policy(policy, cfg.model.dtype), load_tokenizer(policy)
     responses = sample_responses(model, tok, prompts, args.n_max, cfg.generation.max_new_tokens,
                                  cfg.generation.temperature, cfg.model.max_seq_len - cfg.generation.max_new_tokens,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, fmt=model_format(policy, cfg.model.conversation_format, tok))
     pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
-    scores = score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len)
+    scores = score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len, fmt=pm_format(pm_dir))
     curve = best_of_n_curve(scores)
     results = {"method": f"{args.n_max} samples per prompt from π₀ ({policy}), scored by the PM ({pm_dir}); "
                          "E[best of n] estimated exactly over all n-subsets; KL = log n − (n−1)/n (analytic).",
@@ -110,11 +111,14 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     prompts = eval_prompts(cfg, args.num_prompts)
     responses = []
     for path in paths:
-        responses.append(sample_responses(load_policy(path, cfg.model.dtype), load_tokenizer(path), prompts, 1,
+        tok = load_tokenizer(path)
+        responses.append(sample_responses(load_policy(path, cfg.model.dtype), tok, prompts, 1,
                                           cfg.generation.max_new_tokens, cfg.generation.temperature,
-                                          cfg.model.max_seq_len - cfg.generation.max_new_tokens, seed=cfg.seed))
+                                          cfg.model.max_seq_len - cfg.generation.max_new_tokens, seed=cfg.seed,
+                                          fmt=model_format(path, cfg.model.conversation_format, tok)))
     pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
-    scores = np.stack([score_samples(pm, pm_tok, prompts, r, cfg.model.max_seq_len)[:, 0] for r in responses])
+    scores = np.stack([score_samples(pm, pm_tok, prompts, r, cfg.model.max_seq_len, fmt=pm_format(pm_dir))[:, 0]
+                       for r in responses])
     # Fractional wins: W[i, j] = Σ_prompts σ(r_i − r_j), the PM's preference probability.
     diff = scores[:, None, :] - scores[None, :, :]
     wins = (1 / (1 + np.exp(-diff))).sum(-1) * (1 - np.eye(len(paths)))

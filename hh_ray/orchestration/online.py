@@ -48,6 +48,7 @@ from hh_ray.checkpoint import latest_checkpoint
 from hh_ray.orchestration.cluster import ensure_ray
 from hh_ray.orchestration.controller import train_ppo
 from hh_ray.prompt_stream import PromptStream, load_prompts
+from hh_ray.conversation import model_format, pm_format, render_prompt
 from hh_ray.runtime import derive_seed, worker_env
 from learners.pm_learner import train_pm
 from serve.collect import start_collect
@@ -134,7 +135,7 @@ def _accuracy(pm_dir: str, comparisons: list[Comparison], max_len: int, dtype: s
     from hh_ray.pm_eval import accuracy, score_comparisons
 
     model, tok = load_scalar_head_model(pm_dir, dtype)
-    return accuracy(*score_comparisons(model, tok, comparisons, max_len))
+    return accuracy(*score_comparisons(model, tok, comparisons, max_len, fmt=pm_format(pm_dir)))
 
 
 def _remote(fn, *args):
@@ -158,7 +159,9 @@ class OnlineRLHF:
         self.state = json.loads(state_path.read_text()) if state_path.exists() else fresh_state(self.initial_policy)
         self.store = ComparisonStore(cfg.collect.db or self.run_dir / "comparisons.sqlite", cfg.collect.max_text_chars)
         self.tokenizer = load_tokenizer(self.initial_policy)
-        prompts, _ = load_prompts(cfg, self.tokenizer)
+        # Every snapshot descends from the initial policy: they share its conversation format.
+        self.format = model_format(self.initial_policy, cfg.model.conversation_format, self.tokenizer)
+        prompts, _ = load_prompts(cfg, self.tokenizer, self.format)
         self.prompts = PromptStream(prompts, cfg.seed + 1)  # not PPO's order: other prompts get labeled first
         ensure_ray()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,11 +177,13 @@ class OnlineRLHF:
     def _generate(self, snapshots: tuple[str, str], prompts: list[str], seed: int) -> tuple[list[str], list[str]]:
         """Responses of snapshot a and of snapshot b to every prompt (two samples when a == b)."""
 
-        g, ids = self.cfg.generation, self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        g = self.cfg.generation
+        ids = self.tokenizer([render_prompt(p, self.tokenizer, self.format) for p in prompts],
+                             add_special_tokens=False)["input_ids"]
         distinct = list(dict.fromkeys(snapshots))
         with ThreadPoolExecutor(len(distinct)) as ex:  # the engines start side by side
-            starts = [ex.submit(GenerationPool, p, g, self.cfg.model.max_seq_len, self.cfg.model.dtype, seed)
-                      for p in distinct]
+            starts = [ex.submit(GenerationPool, p, g, self.cfg.model.max_seq_len, self.cfg.model.dtype, seed,
+                                conversation_format=self.format) for p in distinct]
         pools = [f.result() for f in starts if f.exception() is None]
         if len(pools) < len(starts):  # one engine failed to start: stop the other before raising
             for p in pools:

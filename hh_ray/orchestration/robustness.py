@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hh_ray.checkpoint import complete_checkpoints, read_model_state, read_state
 from hh_ray.config import set_value
+from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import write_jsonl
 from hh_ray.models import is_scalar_head_model, load_policy, load_scalar_head_model, load_tokenizer, resolve_model
 from hh_ray.orchestration.controller import train_ppo
@@ -71,18 +72,20 @@ def score_checkpoints(cfg, checkpoints: list, pms: dict[str, str], prompts: list
     room = cfg.model.max_seq_len - cfg.generation.max_new_tokens
     samples = []
     tok = load_tokenizer(policy0)
+    fmt = model_format(policy0, cfg.model.conversation_format, tok)
     for it, path in checkpoints:
         # The same seed for every checkpoint (common random numbers): differences between
         # checkpoints come from the policies, less from the draw.
         model = checkpoint_policy(policy0, path, cfg.model.dtype)
         samples.append(sample_responses(model, tok, prompts, samples_per_prompt, cfg.generation.max_new_tokens,
-                                        cfg.generation.temperature, room, seed=cfg.seed))
+                                        cfg.generation.temperature, room, seed=cfg.seed, fmt=fmt))
         print(f"robustness: sampled iteration {it} ({len(prompts)} prompts × {samples_per_prompt})", flush=True)
         del model
     rewards = {}
     for name, pm_dir in pms.items():
         pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
-        rewards[name] = [float(score_samples(pm, pm_tok, prompts, s, cfg.model.max_seq_len).mean()) for s in samples]
+        rewards[name] = [float(score_samples(pm, pm_tok, prompts, s, cfg.model.max_seq_len, fmt=pm_format(pm_dir)).mean())
+                         for s in samples]
         del pm
     return rewards
 

@@ -19,9 +19,19 @@ from actors.generation import GenerationPool
 from actors.pm_service import start_pm_scorer
 from actors.rollout_queue import RolloutQueue
 from hh_ray.config import Config
+from hh_ray.conversation import render_prompt
 from hh_ray.prompt_stream import PromptStream
 from hh_ray.rollout import drop_nonfinite
 from hh_ray.runtime import derive_seed
+
+
+def sample_rows(batch, n: int, stride: int) -> list[dict]:
+    """n rollouts of a scored batch as rows for samples.jsonl: rows 0, stride, 2·stride, …, the
+    first rows of learner rank 0's shard, which adds their KL. `reward` is the PM score less the
+    truncation penalty, if any: what PPO maximises."""
+    return [{"index": i, "prompt": batch.prompts[i], "response": batch.responses[i],
+             "finish_reason": batch.finish_reasons[i], "reward": float(batch.pm_score[i]),
+             "policy_version": int(batch.policy_version[i])} for i in range(0, len(batch), stride)[:n]]
 
 
 class WeightsLost(RuntimeError):
@@ -34,10 +44,11 @@ class RolloutProducer:
     `restarts` (the run's counters, shared with the controller) counts the actors replaced."""
 
     def __init__(self, cfg: Config, policy_path: str, pm_path: str, tokenizer, stream: PromptStream,
-                 queue: RolloutQueue, restarts: dict):
+                 queue: RolloutQueue, restarts: dict, conversation_format: str):
         self.cfg, self.pm_path, self.tokenizer, self.stream = cfg, pm_path, tokenizer, stream
-        self.queue, self.restarts = queue, restarts
-        self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed)
+        self.queue, self.restarts, self.format = queue, restarts, conversation_format
+        self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed,
+                                   conversation_format=conversation_format)
         self.scorer = self._start_scorer()
         # The version the generators hold and its weights, so a revived generator can load
         # them (version 0: a fresh generator's own; None: let go to save memory, see drop_weights).
@@ -47,7 +58,7 @@ class RolloutProducer:
     def _start_scorer(self):
         c = self.cfg
         return start_pm_scorer(self.pm_path, c.model.max_seq_len, c.model.dtype, num_cpus=c.ppo.pm_service_cpus,
-                               autocast=c.ppo.autocast)
+                               autocast=c.ppo.autocast, conversation_format=self.format)
 
     # ---- one batch
 
@@ -69,30 +80,41 @@ class RolloutProducer:
     def _produce(self, iteration: int, on_phase) -> dict:
         n, g = self.cfg.ppo.rollout_batch_size, self.cfg.generation
         prompts = self.stream.take(iteration * n, n)
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = self.prompt_ids(prompts)
         on_phase("generate", iteration)
         t0 = time.time()
         batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
                                    seed=derive_seed(self.cfg.seed, "rollouts", iteration) % 2**31)
         t1 = time.time()
         on_phase("score", iteration)
-        batch.pm_score = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
+        scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
         t2 = time.time()
+        # The reward the policy gets: the PM score, less the optional penalty for a response cut
+        # at the token cap (ppo.truncation_penalty) so that ending the turn pays.
+        batch.pm_score = scores - self.cfg.ppo.truncation_penalty * (~batch.ended).float()
         batch, dropped = drop_nonfinite(batch)
         self.queue.put(ray.put(batch))
+        kept = torch.isfinite(scores)
         return {"time_generate": t1 - t0, "time_score": t2 - t1, "dropped_nonfinite": dropped,
-                "reward_pm": float(batch.pm_score.mean()), "reward_pm_std": float(batch.pm_score.std()),
+                "reward_pm": float(scores[kept].mean()), "reward_pm_std": float(scores[kept].std()),
                 "response_length": float(batch.response_lengths.float().mean()),
-                "tokens_generated": int(batch.response_lengths.sum()), "samples": len(batch)}
+                "ended_fraction": float(batch.ended.float().mean()),
+                "tokens_generated": int(batch.response_lengths.sum()), "samples": len(batch),
+                "logged_samples": sample_rows(batch, self.cfg.ppo.log_samples, self.cfg.ppo.num_learners)}
 
     def score_heldout(self, prompts: list[str]) -> tuple[float, float]:
         """(mean PM reward, mean response length) of one sample per prompt, the same seeds every time."""
         g = self.cfg.generation
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = self.prompt_ids(prompts)
         batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
                                    seed=derive_seed(self.cfg.seed, "heldout") % 2**31)
         scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
         return float(scores.mean()), float(batch.response_lengths.float().mean())
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """HH prompts as the policy reads them: rendered in its conversation format."""
+        rendered = [render_prompt(p, self.tokenizer, self.format) for p in prompts]
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     # ---- faults and weights
 
