@@ -2,7 +2,7 @@
 
   before  the raw HH prompt, vLLM stopping only at EOS or the token cap (what PPO did before
           the conversation format: responses ran on into made-up turns);
-  hh      the raw HH prompt, the turn ending at the next "\\n\\nHuman:" (cut) or EOS;
+  hh      the raw HH prompt, the turn ending at the next "\\n\\nHuman:" or "\\n\\nAssistant:" (cut) or EOS;
   chat    the tokenizer's chat template, the turn ending at its end-of-turn token (kept).
 
 For each: the fraction of responses that ended by themselves (`ended_fraction`), the mean
@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import time
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -50,9 +51,22 @@ def run(llm, tok, prompts, mode: str, max_new: int, seed: int) -> dict:
             kept = kept[: tokens_before_stop(kept, c.text, lambda x: tok.decode(x, skip_special_tokens=True))]
         lengths.append(len(kept))
         ended += c.finish_reason == "stop"
-        made_up += any(m in tok.decode(kept, skip_special_tokens=False) for m in MADE_UP)
+        text = tok.decode(kept, skip_special_tokens=False)
+        if any(m in text for m in MADE_UP):
+            made_up += 1
+            if os.environ.get("SHOW_MADE_UP"):
+                print(f"  [{mode}] {text!r}")
     return {"mode": mode, "ended_fraction": ended / len(outs), "mean_length": sum(lengths) / len(lengths),
             "made_up_turns": made_up, "responses": len(outs), "seconds": dt}
+
+
+def cpu_name() -> str:
+    """The processor this ran on, and whether it has bf16 matmul units (the speeds differ by machine)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
+    return f"{name} ({', '.join(flags) or 'no bf16 units'})"
 
 
 def main() -> None:
@@ -67,7 +81,7 @@ def main() -> None:
     llm = make_llm(path, GenerationConfig(kv_cache_gib=0.5, cpus_per_worker=args.cpus), 192 + args.max_new_tokens)
     tok = llm.get_tokenizer()
     prompts = prompts_of(synthetic_comparisons(600, seed=args.seed))[: args.prompts]
-    print(f"processor: {platform.processor() or platform.machine()}; SmolLM2-135M-Instruct; {len(prompts)} synthetic "
+    print(f"processor: {cpu_name()}; SmolLM2-135M-Instruct; {len(prompts)} synthetic "
           f"prompts; max_new_tokens {args.max_new_tokens}; temperature 1.0")
     print(f"{'mode':>7} {'ended_fraction':>15} {'mean length':>12} {'made-up turns':>14} {'seconds':>8}")
     for mode in ("before", "hh", "chat"):

@@ -205,9 +205,11 @@ def render_transcript(hh_prompt: str, response: str, tokenizer, fmt: str) -> str
 
 
 def stop_strings(fmt: str) -> list[str]:
-    """hh: the assistant's turn ends where the next Human turn would start; chat: the
-    template's end-of-turn token does it (end_of_turn_token_ids)."""
-    return [HUMAN] if _resolved(fmt) == "hh" else []
+    """hh: the assistant's turn ends where any next turn would start (a model that writes
+    "\\n\\nAssistant:" has begun a turn of its own making, as with "\\n\\nHuman:"; escaped
+    content never holds either); chat: the template's end-of-turn token does it
+    (end_of_turn_token_ids)."""
+    return [HUMAN, ASSISTANT] if _resolved(fmt) == "hh" else []
 
 
 def end_of_turn_token_ids(tokenizer, fmt: str) -> list[int]:

@@ -165,7 +165,7 @@ def test_resolve_format(tok, chat_tok):
 
 
 def test_stop_strings_and_end_of_turn_tokens(tok, chat_tok):
-    assert stop_strings("hh") == ["\n\nHuman:"]
+    assert stop_strings("hh") == ["\n\nHuman:", "\n\nAssistant:"]
     assert stop_strings("chat") == []
     im_end = chat_tok.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn_token_ids(chat_tok, "chat") == [im_end, chat_tok.eos_token_id]
