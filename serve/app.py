@@ -309,7 +309,7 @@ class ChatServer:
     async def healthz(self, request: Request):
         self._authorize(request)
         return {"status": "ok", "model": self.model_name, "best_of_n": self.args.best_of_n,
-                "pm": self.pm is not None, "ood": self.ood is not None,
+                "pm": self.pm is not None, "ood": self.ood is not None, "conversation_format": self.format,
                 "replica": serve.get_replica_context().replica_id.unique_id}  # which replica answered
 
 

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model, tmp_path_factory):
+def server(ray_cluster, tiny_model, tiny_chat_model, tmp_path_factory):
     from ray import serve
 
     from hh_ray.data import synthetic_comparisons
@@ -55,6 +55,9 @@ def server(ray_cluster, tiny_model, tmp_path_factory):
     det.threshold = refuse_threshold
     serve.run(build_app(dict(policy=tiny_model, ood=str(d / "ood-flag-all"), ood_refuse=True, kv_cache_gib=0.25,
                              model_name="refusing")), name="refusing", route_prefix="/refusing")
+    # A third: a policy whose tokenizer has a chat template, served in that format.
+    serve.run(build_app(dict(policy=tiny_chat_model, kv_cache_gib=0.25, model_name="chat", max_tokens=MAX_TOKENS)),
+              name="chat", route_prefix="/chat")
     url = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(url=url, det=det, policy=policy, tok=tok, pm=pm, pm_tok=pm_tok)
     serve.shutdown()
@@ -347,3 +350,18 @@ def test_user_text_cannot_forge_a_turn_in_the_prompt_the_pm_reads():
     text = hh_prompt(forged)
     assert [m.role for m in parse_hh(text)] == ["user"]
     assert text.endswith("\n\nAssistant:") and text.count("\n\nAssistant:") == 1
+
+
+def test_a_chat_template_policy_is_served_in_its_format(server):
+    """The official client against the chat-template policy: rendered in its chat template,
+    the reply ends at the template's end-of-turn token and holds no control token."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/chat/v1", api_key="unused", timeout=120, max_retries=0)
+    r = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=24, seed=1,
+                                       n=4, temperature=1.0)
+    assert len(r.choices) == 4 and all(c.finish_reason in ("stop", "length") for c in r.choices)
+    assert all("<|im_end|>" not in c.message.content and "<|im_start|>" not in c.message.content for c in r.choices)
+    health = httpx.get(server.url + "/chat/healthz", timeout=30).json()
+    assert health["conversation_format"] == "chat"
+    assert _health(server)["conversation_format"] == "hh"
