@@ -149,7 +149,7 @@ class PPOWorker:
         self.value_model.train()
         self.mixed = functools.partial(autocast, self.p.autocast, self.device_type)
 
-    def models(self) -> dict:
+    def models(self) -> tuple[dict, dict]:
         """The HF models by checkpoint name, with the optimizers that train them."""
         return ({"policy": unwrap(self.policy).lm, "critic": unwrap(self.value_model).critic},
                 {"policy": self.policy_opt, "critic": self.critic_opt})

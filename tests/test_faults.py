@@ -17,6 +17,15 @@ ITERATIONS = 5
 BATCH = 16
 
 
+def run_injected(controller, inject) -> dict:
+    """The controller's run with `inject(phase, iteration)` called as each phase starts."""
+    controller.on_phase = inject
+    try:
+        return controller.run()
+    finally:
+        controller.shutdown()
+
+
 def test_nonfinite_rollouts_are_dropped_and_counted():
     batch = RolloutBatch.from_samples([[1, 2], [3], [4, 5]], [[6, 7], [8], [9]],
                                       [[-0.1, -0.2], [float("nan")], [-0.3]], [0, 0, 0],
@@ -54,12 +63,7 @@ def faulty_run(ray_cluster, tiny_pm, tmp_path_factory):
             os.kill(controller.learners.pids[1], signal.SIGKILL)
             killed.append("learner")
 
-    controller.on_phase = inject
-    try:
-        result = controller.run()
-    finally:
-        controller.shutdown()
-    return run_dir, result, killed
+    return run_dir, run_injected(controller, inject), killed
 
 
 def test_run_survives_killed_generator_pm_and_learner(faulty_run):
@@ -114,12 +118,7 @@ def learner_killed_outside_learn(ray_cluster, tiny_pm, tmp_path_factory):
             return
         os.kill(killed[-1][1], signal.SIGKILL)
 
-    controller.on_phase = inject
-    try:
-        result = controller.run()
-    finally:
-        controller.shutdown()
-    return run_dir, result, killed
+    return run_dir, run_injected(controller, inject), killed
 
 
 def test_learner_killed_during_sync_or_generate_loses_and_duplicates_nothing(learner_killed_outside_learn):
@@ -162,11 +161,7 @@ def test_async_run_redoes_a_batch_whose_generator_died_while_learning(ray_cluste
             killed.append(ray.get(controller.rollouts.pool.workers[0].info.remote())["pid"])
             os.kill(killed[0], signal.SIGKILL)
 
-    controller.on_phase = inject
-    try:
-        controller.run()
-    finally:
-        controller.shutdown()
+    run_injected(controller, inject)
     rows = read_metrics(tmp_path, "ppo")
     assert len(killed) == 1 and [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["staleness"] == 0  # batch 2 redone after the sync, with version 2

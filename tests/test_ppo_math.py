@@ -287,3 +287,17 @@ def test_estimator_registries_drive_the_config_choices():
     assert CHOICES["ppo.advantage_estimator"] == tuple(ADVANTAGE_ESTIMATORS) == ("gae",)
     with pytest.raises(ConfigError, match="'k1', 'k3'"):
         load_config(None, {"ppo.kl_estimator": "k2"})
+
+
+def test_tokens_before_stop_by_hand():
+    """vLLM keeps the tokens up to the one that completed the stop string; the response keeps
+    only those wholly before it, a token straddling the cut going with the stop string."""
+    from hh_ray.rollout import tokens_before_stop
+
+    pieces = {1: "Sure", 2: ", glad", 3: " to.\n", 4: "\nHum", 5: "an:"}
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    ids = [1, 2, 3, 4, 5]
+    assert tokens_before_stop(ids, "Sure, glad to.", decode) == 2  # " to.\n" straddles "\n\nHuman:"
+    assert tokens_before_stop(ids, "Sure, glad to.\n", decode) == 3
+    assert tokens_before_stop(ids, "", decode) == 0
+    assert tokens_before_stop(ids, decode(ids), decode) == 5
