@@ -121,7 +121,7 @@ class PPOConfig:
     cpus_per_learner: int = doc(1, "CPUs per learner worker; Ray sets its torch threads (OMP_NUM_THREADS) from it.")
     fuse_value_pass: bool = doc(True, "With one epoch over one minibatch, take the critic's old values from its training forward instead of a separate pass (same numbers, one forward pass fewer).")
     pm_service_cpus: int = doc(1, "CPUs of the PM scoring service; its torch threads follow.")
-    autocast: str = doc("none", "Mixed precision for the learner's policy and critic passes and the PM service: 'bfloat16' (GPUs, or CPUs with AVX512-BF16/AMX: ~2x faster) or 'none'. Weights, optimizer states and the reference pass stay in model.dtype, so the KL against the reference is as exact as without it; PM scores correlate 0.9993 with fp32 ones (demo PM).")
+    autocast: str = doc("none", "Mixed precision for the learner's policy and critic passes and the PM service: 'bfloat16' (GPUs, or CPUs with AVX512-BF16/AMX: ~2x faster), 'none', or 'auto' (bf16 only where a short matmul probe, cached per processor, finds it at least as fast as fp32; printed and written to config.yaml). Weights, optimizer states and the reference pass stay in model.dtype, so the KL against the reference is as exact as without it; PM scores correlate 0.9993 with fp32 ones (demo PM).")
     learner_resources: str = doc("", "Custom Ray resources each learner worker needs, e.g. 'hh_learner=1' to place them on the learner nodes of cluster.yaml.")
     truncation_penalty: float = doc(0.0, "Subtracted from the PM score of a response cut at generation.max_new_tokens (it did not end its turn); 0 = off.")
     log_samples: int = doc(4, "Rollouts per iteration written to RUN/samples.jsonl (and a W&B table): prompt, response, finish reason, reward, KL, policy version.")
@@ -206,7 +206,7 @@ CHOICES = {
     "ppo.lr_schedule": ("constant", "linear", "cosine"),
     "ppo.critic_init": ("pm", "policy"),
     "ppo.mode": ("sync", "async"),
-    "ppo.autocast": ("none", "bfloat16"),
+    "ppo.autocast": ("none", "bfloat16", "auto"),
     "tracking.wandb": ("auto", "online", "offline", "disabled"),
     "distill.teacher": ("cached", "online"),
     "online.collector": ("labeler", "page"),

@@ -31,6 +31,7 @@ from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenize
 from hh_ray.orchestration.rollouts import Prefetch, RolloutProducer, WeightsLost
 from hh_ray.prompt_stream import PromptStream, load_prompts
 from hh_ray.reward_kl import plot_reward_vs_sqrt_kl
+from hh_ray.runtime import resolve_autocast
 from hh_ray.tracking import Tracker, read_metrics
 from learners.ppo_learner import LearnerGroupRestarted, LearnerPaths, PPOLearnerGroup
 
@@ -90,6 +91,9 @@ class RLHFController:
         self.policy_path, self.pm_path = resolve_paths(cfg)
         # Every part of the run reads the resolved format from the config (and config.yaml shows it).
         self.cfg = cfg = with_value(cfg, "model.conversation_format", check_config(cfg, self.policy_path, self.pm_path))
+        autocast, why = resolve_autocast(cfg.ppo.autocast, cfg.model.cache_dir)
+        print(f"ppo.autocast={autocast} ({why})", flush=True)
+        self.cfg = cfg = with_value(cfg, "ppo.autocast", autocast)
         self.tokenizer = load_tokenizer(self.policy_path)
         train_prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer, cfg.model.conversation_format)
         self.checkpoints = self.run_dir / "checkpoints"

@@ -1,0 +1,36 @@
+"""What every process sets up alike (hh_ray/runtime.py): seeds, the precision for the hardware."""
+
+import json
+
+import pytest
+
+from hh_ray import runtime
+
+
+def test_derive_seed_is_stable_and_keyed():
+    assert runtime.derive_seed(0, "rollouts", 3) == runtime.derive_seed(0, "rollouts", 3)
+    seeds = {runtime.derive_seed(s, k, i) for s in (0, 1) for k in ("rollouts", "heldout") for i in range(50)}
+    assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize("fp32,bf16,want", [(1e-3, 0.5e-3, "bfloat16"), (1e-3, 50e-3, "none")])
+def test_auto_autocast_picks_bf16_only_where_it_is_fast(monkeypatch, fp32, bf16, want):
+    monkeypatch.setattr(runtime, "cpu_matmul_seconds", lambda cache_dir="": (fp32, bf16))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    got, why = runtime.resolve_autocast("auto")
+    assert got == want and "fp32" in why and "bf16" in why
+    assert runtime.resolve_autocast("bfloat16") == ("bfloat16", "set in the config")
+
+
+def test_the_cpu_probe_runs_once_per_processor(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "_matmul_seconds", lambda dtype: calls.append(dtype) or 1.0)
+    assert runtime.cpu_matmul_seconds(str(tmp_path)) == (1.0, 1.0)
+    assert runtime.cpu_matmul_seconds(str(tmp_path)) == (1.0, 1.0)
+    assert calls == ["float32", "bfloat16"]
+    assert len(json.loads((tmp_path / "cpu_matmul.json").read_text())) == 1
+
+
+def test_the_real_probe_measures_both_precisions():
+    fp32, bf16 = runtime._matmul_seconds("float32", n=128, reps=3), runtime._matmul_seconds("bfloat16", n=128, reps=3)
+    assert fp32 > 0 and bf16 > 0
