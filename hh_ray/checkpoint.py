@@ -22,6 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "step-"
+# PPO's checkpoints, under a run folder. Apart from the supervised learners' (run/checkpoints):
+# the demo trains its PM and runs PPO in one folder, and their step numbers would collide.
+PPO_CHECKPOINTS = Path("checkpoints") / "ppo"
 STATE_FILE = "state.json"
 MODEL_SUFFIX = ".safetensors"
 OPTIMIZER_TENSORS = ".optimizer.safetensors"

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from hh_ray.checkpoint import latest_checkpoint, read_state
+from hh_ray.checkpoint import PPO_CHECKPOINTS, latest_checkpoint, read_state
 from hh_ray.config import load_config, parse_resources
 from hh_ray.tracking import read_metrics
 from tests.conftest import ROOT
@@ -73,7 +73,7 @@ def killed_driver_run(head, tiny_pm, tmp_path_factory):
          "--run-dir", run_dir, "--ppo.iterations", str(ITERATIONS), "--ppo.checkpoint_every", "2"],
         env={**head["env"], "RAY_ADDRESS": head["address"]}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
-    while latest_checkpoint(run_dir / "checkpoints") is None:
+    while latest_checkpoint(run_dir / PPO_CHECKPOINTS) is None:
         assert driver.poll() is None, (run_dir.parent / "driver.log").read_text()[-3000:]
         assert time.time() < deadline, "no checkpoint within 15 minutes"
         time.sleep(0.2)
@@ -86,7 +86,7 @@ def killed_driver_run(head, tiny_pm, tmp_path_factory):
 def test_killed_driver_resumes_through_ray_job_submit(head, killed_driver_run):
     run_dir = killed_driver_run
     assert not (run_dir / "policy").exists()  # it really died mid-run
-    ckpt = read_state(latest_checkpoint(run_dir / "checkpoints"))
+    ckpt = read_state(latest_checkpoint(run_dir / PPO_CHECKPOINTS))
     start = ckpt["iteration"]
     assert 2 <= start < ITERATIONS
 

@@ -83,6 +83,10 @@ def test_resume_gives_the_same_metrics(full_run, tiny_pm, tmp_path):
     """Stop after 2 iterations, resume to 4: iterations 3-4 match the uninterrupted run.
     (The LR schedule is constant, so a shorter run is the same run cut short.)"""
     base = {"model.pm": tiny_pm, **LEARN, **SYSTEM}
+    # A PM trained in the same folder (as the demo does) keeps its checkpoints apart from PPO's.
+    from hh_ray.checkpoint import checkpoint_dir, write_checkpoint
+
+    write_checkpoint(checkpoint_dir(tmp_path / "checkpoints", 99), {}, {}, {"global_step": 99})
     train_ppo(tiny_config(**base, **{"ppo.iterations": 2}), tmp_path)
     train_ppo(tiny_config(**base, **{"ppo.iterations": 4}), tmp_path, resume=True)
     want = read_metrics(full_run[0], "ppo")[2:4]

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from actors.rollout_queue import RolloutQueue
-from hh_ray.checkpoint import latest_checkpoint, read_state
+from hh_ray.checkpoint import PPO_CHECKPOINTS, latest_checkpoint, read_state
 from hh_ray.config import Config, ConfigError, with_value
 from hh_ray.conversation import model_format, read_format
 from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenizer, resolve_model
@@ -96,7 +96,7 @@ class RLHFController:
         self.cfg = cfg = with_value(cfg, "ppo.autocast", autocast)
         self.tokenizer = load_tokenizer(self.policy_path)
         train_prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer, cfg.model.conversation_format)
-        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoints = self.run_dir / PPO_CHECKPOINTS
         ckpt = latest_checkpoint(self.checkpoints) if resume else None
         if resume and ckpt is None:
             print(f"no checkpoint in {self.checkpoints}: starting from iteration 0")

@@ -35,20 +35,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hh_ray.comparisons import ComparisonStore, LabeledPair
-from hh_ray.config import Config, ConfigError, save_config
-from hh_ray.data import Comparison, write_jsonl
-from hh_ray.elo import fit_elo, win_matrix
-
 import ray
 from ray import serve
 
 from actors.generation import GenerationPool
-from hh_ray.checkpoint import latest_checkpoint
+from hh_ray.checkpoint import PPO_CHECKPOINTS, latest_checkpoint
+from hh_ray.comparisons import ComparisonStore, LabeledPair
+from hh_ray.config import Config, ConfigError, save_config
+from hh_ray.conversation import model_format, pm_format, render_prompt
+from hh_ray.data import Comparison, write_jsonl
+from hh_ray.elo import fit_elo, win_matrix
 from hh_ray.orchestration.cluster import ensure_ray
 from hh_ray.orchestration.controller import train_ppo
 from hh_ray.prompt_stream import PromptStream, load_prompts
-from hh_ray.conversation import model_format, pm_format, render_prompt
 from hh_ray.runtime import derive_seed, worker_env
 from learners.pm_learner import train_pm
 from serve.collect import start_collect
@@ -292,7 +291,7 @@ class OnlineRLHF:
         start = self.initial_policy if self.cfg.online.policy_init == "initial" else self.state["snapshots"][-1]
         ppo_dir = round_dir(self.run_dir, k) / "ppo"
         train_ppo(ppo_round_config(self.cfg, start, self.state["pms"][-1]), ppo_dir,
-                  resume=latest_checkpoint(ppo_dir / "checkpoints") is not None)
+                  resume=latest_checkpoint(ppo_dir / PPO_CHECKPOINTS) is not None)
         self.state["snapshots"].append(str(ppo_dir / "policy"))
         evals = read_metrics(ppo_dir, "ppo_eval")
         return {"policy_reward_latest_pm_before": evals[0]["reward_pm_heldout"] if len(evals) > 1 else None,

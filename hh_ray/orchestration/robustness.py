@@ -8,7 +8,7 @@ import copy
 import json
 from pathlib import Path
 
-from hh_ray.checkpoint import complete_checkpoints, read_model_state, read_state
+from hh_ray.checkpoint import PPO_CHECKPOINTS, complete_checkpoints, read_model_state, read_state
 from hh_ray.config import set_value
 from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import write_jsonl
@@ -40,7 +40,7 @@ def _on_data(cfg, folder: Path, **overrides):
 
 def policy_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
     """(iteration, checkpoint folder) of every complete PPO checkpoint, in order."""
-    return [(read_state(p)["iteration"], p) for p in complete_checkpoints(Path(ppo_dir, "checkpoints"))]
+    return [(read_state(p)["iteration"], p) for p in complete_checkpoints(Path(ppo_dir) / PPO_CHECKPOINTS)]
 
 
 def checkpoint_policy(policy0: str, checkpoint: Path | None, dtype: str):
