@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 from hh_ray.config import Config, save_config
@@ -30,12 +31,38 @@ def read_metrics(run_dir: str | Path, stage: str | None = None, last_per_step: b
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = parse_jsonl_rows(path)
     rows = [r for r in rows if stage is None or r.get("stage") == stage]
     if last_per_step:
         last = {(r.get("stage"), r.get("step")): r for r in rows}
         rows = sorted(last.values(), key=lambda r: (r.get("stage"), r.get("step")))
     return rows
+
+
+def parse_jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL log. A torn last line (the writer was killed mid-write) is skipped
+    with a warning; a bad line anywhere else is an error naming the file and line."""
+    lines = [(k, line) for k, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for k, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if k != lines[-1][0]:
+                raise ValueError(f"{path}:{k}: not a JSON row") from None
+            warnings.warn(f"{path}:{k}: skipping a torn last line (the run was stopped while writing it)")
+    return rows
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut an unfinished last line (a writer killed mid-row) off a JSONL log before appending to it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        warnings.warn(f"{path}: dropping a torn last line (the run was stopped while writing it)")
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _jsonable(v):
@@ -58,6 +85,7 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         save_config(cfg, self.run_dir / "config.yaml")
+        drop_torn_tail(self.run_dir / "metrics.jsonl")  # so a resumed run's first row starts a line of its own
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")
         self._wandb = None
         mode = cfg.tracking.wandb

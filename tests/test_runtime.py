@@ -34,3 +34,34 @@ def test_the_cpu_probe_runs_once_per_processor(tmp_path, monkeypatch):
 def test_the_real_probe_measures_both_precisions():
     fp32, bf16 = runtime._matmul_seconds("float32", n=128, reps=3), runtime._matmul_seconds("bfloat16", n=128, reps=3)
     assert fp32 > 0 and bf16 > 0
+
+
+def test_a_torn_last_metrics_line_is_skipped_and_a_bad_middle_line_named(tmp_path):
+    from hh_ray.tracking import read_metrics
+
+    rows = '{"stage": "ppo", "step": 1}\n{"stage": "ppo", "step": 2}\n'
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"stage": "ppo", "st')
+    with pytest.warns(UserWarning, match="metrics.jsonl:3: skipping a torn last line"):
+        assert [r["step"] for r in read_metrics(tmp_path, "ppo")] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "ppo", "st\n' + rows)
+    with pytest.raises(ValueError, match="metrics.jsonl:1: not a JSON row"):
+        read_metrics(tmp_path)
+
+
+def test_config_yaml_is_replaced_whole(tmp_path):
+    from hh_ray.config import Config, load_config, save_config
+
+    save_config(Config(), tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == Config() and not (tmp_path / "config.yaml.tmp").exists()
+
+
+def test_a_resumed_tracker_drops_the_torn_row_before_appending(tmp_path):
+    from hh_ray.config import load_config
+    from hh_ray.tracking import Tracker, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "ppo", "step": 1}\n{"stage": "ppo", "st')
+    with pytest.warns(UserWarning, match="dropping a torn last line"):
+        tracker = Tracker(tmp_path, load_config(None, {"tracking.wandb": "disabled"}), "ppo")
+    tracker.log(2, {"x": 1.0})
+    tracker.close()
+    assert [r["step"] for r in read_metrics(tmp_path, "ppo")] == [1, 2]
