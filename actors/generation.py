@@ -6,14 +6,22 @@ CPU: VLLM_ENABLE_V1_MULTIPROCESSING=0, so the engine stays inside the actor's
 CPU share; docs/architecture.md). A `GenerationPool` is the controller's view of N workers:
 it spreads a batch of prompts over them and broadcasts weights to all of them.
 
-Weight sync through the object store: the learner publishes its state dict
-as one ObjectRef (hh_ray.weights); each worker fetches it and reloads it in
-place with `collective_rpc("reload_weights")`. Names and shapes are checked
-first, so a bad dict is refused whole and the engine keeps its old weights.
+Two weight syncs, and every worker takes both:
+- broadcast (`generation.weight_sync: broadcast`): the learner's rank 0 drives it
+  (learners/weight_sync.py). It forms one process group with every worker
+  (`join_weight_group`), then broadcasts the weights in buckets, which each worker's
+  engine receives through vLLM's weight-transfer API (`receive_weights`,
+  actors/weight_transfer.py);
+- object store: the learner publishes its state dict as one ObjectRef
+  (hh_ray.weights); each worker fetches it and reloads it in place with
+  `collective_rpc("reload_weights")`. Names and shapes are checked first, so a bad dict
+  is refused whole and the engine keeps its old weights. A broadcast run uses it to
+  start a revived worker, and to restore a checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -23,7 +31,7 @@ import torch
 from hh_ray.config import GenerationConfig, parse_resources
 from hh_ray.conversation import end_of_turn_token_ids, stop_strings
 from hh_ray.rollout import RolloutBatch, tokens_before_stop
-from hh_ray.runtime import set_torch_threads, worker_env
+from hh_ray.runtime import gpus_for, set_torch_threads, worker_env
 from hh_ray.weights import as_tensors
 
 
@@ -110,6 +118,10 @@ class GenerationWorker:
         set_torch_threads(gen_cfg.cpus_per_worker)
         from actors.vllm_engine import make_llm
 
+        # Every in-place reload warns that the rotary embedding "failed to load weights": its
+        # cos/sin cache is computed, not loaded, and is put back as it was.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+
         self.gen_cfg = gen_cfg
         self.llm = make_llm(model_path, gen_cfg, max_model_len, dtype, seed)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -128,8 +140,9 @@ class GenerationWorker:
     def generate(self, prompt_ids: list[list[int]], prompts: list[str] | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | list[int] | None = 0,
-                 expected_version: int | None = None, stop: list[str] | None = None) -> RolloutBatch:
-        """Sample one response per prompt; it ends with the turn (the conversation format's
+                 expected_version: int | None = None, stop: list[str] | None = None, n: int = 1) -> RolloutBatch:
+        """Sample `n` responses per prompt (one request: the prompt is prefilled once), rows
+        ordered prompt by prompt; each ends with the turn (the conversation format's
         end-of-turn token, kept, or its stop string, cut) or at max_new_tokens. `stop`: more stop
         strings, cut like the format's.
 
@@ -159,11 +172,11 @@ class GenerationWorker:
         else:
             raise GenerationInputError(f"{len(prompt_ids)} prompts but {len(seed)} seeds")
         stops = self.stop["stop"] + list(stop or [])
-        params = [sampling_params(seed=s, **kw, stop=stops, stop_token_ids=self.stop["stop_token_ids"]) for s in seeds]
+        params = [sampling_params(seed=s, **kw, n=n, stop=stops, stop_token_ids=self.stop["stop_token_ids"])
+                  for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         response_ids, logprobs, texts, reasons = [], [], [], []
-        for out in outs:
-            c = out.outputs[0]
+        for c in (c for out in outs for c in sorted(out.outputs, key=lambda c: c.index)):
             ids = list(c.token_ids)
             cut = c.stop_reason in stops  # a stop string: its tokens are not the response's
             if cut:
@@ -175,8 +188,9 @@ class GenerationWorker:
             reasons.append(c.finish_reason or "length")
         if prompts is None:
             prompts = self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
-        return RolloutBatch.from_samples(prompt_ids, response_ids, logprobs, [self._version] * len(outs),
-                                         prompts, texts, reasons, self.pad_id)
+        each = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+        return RolloutBatch.from_samples(each(prompt_ids), response_ids, logprobs, [self._version] * len(response_ids),
+                                         each(prompts), texts, reasons, self.pad_id)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -201,19 +215,57 @@ class GenerationWorker:
         self._version = int(version)
         return self._version
 
+    # ------------------------------------------------------------ weight sync: broadcast
+
+    def join_weight_group(self, info: dict) -> None:
+        """Join the learner's broadcast group (blocks until every member has joined); a
+        group this engine was in before is left first."""
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(info,))
+
+    def gpu_uuids(self) -> list[str]:
+        """The GPUs this engine runs on (the broadcast's sender picks its backend from them)."""
+        import torch
+
+        from hh_ray.runtime import device
+
+        if device().type != "cuda":
+            return []
+        return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+    def receive_weights(self, version: int, update: dict) -> int:
+        """Receive one broadcast of the weights (as learner rank 0 sends it) and hold `version`.
+        A broadcast cut off half-way leaves some layers new: the worker then holds no valid
+        version (-1; sync mode refuses to generate) until the next complete update."""
+        try:
+            self.llm.collective_rpc("start_weight_update")
+            self._version = -1
+            self.llm.collective_rpc("update_weights", args=(update,))
+            self.llm.collective_rpc("finish_weight_update")
+        except BaseException:
+            try:  # the group is unusable after a failed collective; the next sync forms a new one
+                self.llm.collective_rpc("shutdown_weight_transfer_engine")
+            except Exception:  # noqa: BLE001 - the broadcast's own error is the one to see
+                pass
+            raise
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+        return self._version
+
     def version(self) -> int:
         return self._version
 
     def info(self) -> dict:
         return {"version": self._version, "pid": os.getpid(), "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
-                "pad_id": self.pad_id, "weight_sync": self.gen_cfg.weight_sync}
+                "pad_id": self.pad_id, "weight_sync": self.gen_cfg.weight_sync,
+                "node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids()}
 
 
 def start_generation_worker(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
                             dtype: str = "float32", seed: int = 0, conversation_format: str = "hh"):
     """A GenerationWorker with its resources: `cpus_per_worker` CPUs (Ray sets
-    OMP_NUM_THREADS from it) and, on a GPU cluster, `tensor_parallel_size` GPUs."""
-    gpus = gen_cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    OMP_NUM_THREADS from it) and `generation.num_gpus` GPUs (by default, on a GPU
+    cluster, `tensor_parallel_size`)."""
+    gpus = gpus_for(gen_cfg.num_gpus, ray.cluster_resources().get("GPU", 0), gen_cfg.tensor_parallel_size)
     opts = dict(num_cpus=gen_cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": worker_env()},
                 resources=parse_resources(gen_cfg.resources, "generation.resources"))
     return GenerationWorker.options(**opts).remote(model_path, gen_cfg, max_model_len, dtype, seed, conversation_format)
@@ -284,8 +336,9 @@ class GenerationPool:
     def generate(self, prompt_ids: list[list[int]], prompts: list[str] | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = 0,
-                 expected_version: int | None = None, stop: list[str] | None = None) -> RolloutBatch:
-        """One response per prompt, in input order (see GenerationWorker.generate)."""
+                 expected_version: int | None = None, stop: list[str] | None = None, n: int = 1) -> RolloutBatch:
+        """`n` responses per prompt, prompts in input order, a prompt's samples together
+        (see GenerationWorker.generate)."""
         # Checked here too, so an error names the prompt's index in the caller's list.
         check_prompts(prompt_ids, self.max_model_len, self.vocab_size)
         if prompts is not None and len(prompts) != len(prompt_ids):
@@ -298,7 +351,7 @@ class GenerationPool:
             ref = worker.generate.remote(
                 [prompt_ids[i] for i in idx], None if prompts is None else [prompts[i] for i in idx],
                 max_new, temperature, top_p, None if seed is None else [seed + i for i in idx],
-                expected_version, stop)
+                expected_version, stop, n)
             return ref, idx, worker
 
         in_flight = {}
@@ -322,13 +375,16 @@ class GenerationPool:
                 ref, nidx, _ = submit(w)
                 in_flight[ref] = (nidx, w)
         batch = RolloutBatch.concat([b for _, b in parts], self.pad_id)
-        position = [i for idx, _ in parts for i in idx]
+        position = [(i, j) for idx, _ in parts for i in idx for j in range(n)]
         return batch.select(sorted(range(len(position)), key=position.__getitem__))
 
     # ------------------------------------------------------------ weights
 
     def versions(self) -> list[int]:
         return ray.get([w.version.remote() for w in self.workers])
+
+    def infos(self) -> list[dict]:
+        return ray.get([w.info.remote() for w in self.workers])
 
     def update_weights(self, version: int, weights_ref) -> float:
         """Object-store sync: every worker loads the state dict behind `weights_ref`
@@ -338,7 +394,7 @@ class GenerationPool:
         if not isinstance(weights_ref, ray.ObjectRef):
             weights_ref = ray.put(weights_ref)
         got = get_all([w.update_weights.remote(version, [weights_ref]) for w in self.workers])
-        self._check_versions(version, got)
+        self.check_versions(version, got)
         return time.perf_counter() - t0
 
     def revive(self, version: int, weights_ref) -> int:
@@ -357,12 +413,12 @@ class GenerationPool:
             if version:
                 if weights_ref is None:
                     raise StaleWeightsError(f"cannot revive generation worker {k}: no weights for version {version}")
-                self._check_versions(version, [ray.get(new.update_weights.remote(version, [weights_ref]))])
+                self.check_versions(version, [ray.get(new.update_weights.remote(version, [weights_ref]))])
             self.workers[k] = new
             replaced += 1
         return replaced
 
-    def _check_versions(self, version: int, got: list[int]) -> None:
+    def check_versions(self, version: int, got: list[int]) -> None:
         if any(v != version for v in got):
             raise StaleWeightsError(f"after sync to version {version} the workers report {got}")
 

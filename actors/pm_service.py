@@ -23,7 +23,7 @@ import ray
 import torch
 
 from hh_ray.conversation import render_transcript
-from hh_ray.runtime import set_torch_threads, worker_env
+from hh_ray.runtime import device, set_torch_threads, worker_env
 
 
 @ray.remote
@@ -49,8 +49,8 @@ class PMScorer:
         self._flusher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.model, self.tokenizer = load_scalar_head_model(pm_path, dtype)
-        self.model.eval()
-        self.device = next(self.model.parameters()).device.type
+        self.model.eval().to(device())  # its GPU when started with num_gpus
+        self.device = device().type
         if autocast == "bfloat16":
             store_linear_weights_in_bf16(self.model)  # the same scores, half the memory
 
@@ -61,7 +61,8 @@ class PMScorer:
         for s in range(0, len(texts), self.micro_batch_size):
             enc = encode_for_pm(self.tokenizer, texts[s: s + self.micro_batch_size], self.max_len)
             with torch.no_grad(), autocast(self.autocast, self.device):
-                out += pm_scores(self.model, enc["input_ids"], enc["attention_mask"]).tolist()
+                out += pm_scores(self.model, enc["input_ids"].to(self.model.device),
+                                 enc["attention_mask"].to(self.model.device)).float().tolist()
         return out
 
     async def _flush(self) -> None:
@@ -81,6 +82,9 @@ class PMScorer:
             fut.set_result(scores[s: s + len(ts)])
             s += len(ts)
 
+    def placement(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids(), "device": self.device}
+
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """PM score of each conversation: an HH prompt and the assistant's response, rendered in
         the PM's conversation format."""
@@ -97,8 +101,8 @@ class PMScorer:
 
 
 def start_pm_scorer(pm_path: str, max_len: int = 512, dtype: str = "float32", num_cpus: float = 1,
-                    **kwargs):
+                    num_gpus: float = 0, resources: dict | None = None, **kwargs):
     # max_concurrency lets calls from several producers reach the batching queue together.
-    return PMScorer.options(num_cpus=num_cpus, max_concurrency=64,
+    return PMScorer.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or {}, max_concurrency=64,
                             runtime_env={"env_vars": worker_env()}).remote(
         pm_path, max_len, dtype, num_threads=num_cpus, **kwargs)

@@ -17,10 +17,8 @@ import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-import torch  # noqa: E402
-
 from hh_ray.config import GenerationConfig  # noqa: E402
-from hh_ray.runtime import set_torch_threads  # noqa: E402
+from hh_ray.runtime import device, set_torch_threads  # noqa: E402
 
 
 class EngineError(ValueError):
@@ -28,7 +26,7 @@ class EngineError(ValueError):
 
 
 def on_gpu() -> bool:
-    return torch.cuda.is_available()
+    return device().type == "cuda"
 
 
 def engine_kwargs(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
@@ -38,8 +36,8 @@ def engine_kwargs(model_path: str, gen_cfg: GenerationConfig, max_model_len: int
     - CPU: float32 (the CPU kernels and our HF learners agree in fp32), eager
       mode (no graph capture to amortise), and an explicit KV-cache size:
       `gpu_memory_utilization` would mean a fraction of a NUMA node's RAM.
-    - GPU: the model's dtype, CUDA graphs, the default memory fraction, tensor
-      parallelism.
+    - GPU: the model's dtype, CUDA graphs, `generation.gpu_memory_utilization`,
+      tensor parallelism.
     - Both: `processed_logprobs`, so a behaviour log-prob is that of the
       distribution actually sampled (after temperature / top-p), the one the
       PPO ratio needs; vLLM's default is the raw, temperature-unscaled one.
@@ -50,8 +48,13 @@ def engine_kwargs(model_path: str, gen_cfg: GenerationConfig, max_model_len: int
         kw["logprobs_mode"] = "processed_logprobs"
     else:
         kw["runner"] = runner
+    if gen_cfg.weight_sync == "broadcast" and runner == "generate":
+        from actors.weight_transfer import BACKEND, register
+
+        register()  # in this process; the entry point does it in vLLM's own worker processes
+        kw["weight_transfer_config"] = {"backend": BACKEND}
     if on_gpu():
-        kw["dtype"] = dtype
+        kw.update(dtype=dtype, gpu_memory_utilization=gen_cfg.gpu_memory_utilization)
     else:
         if gen_cfg.tensor_parallel_size != 1:
             raise EngineError("generation.tensor_parallel_size > 1 needs GPUs; use more workers "

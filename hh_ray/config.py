@@ -63,6 +63,7 @@ class TrainerConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay.")
     num_workers: int = doc(1, "Ray Train learner workers (DDP).")
     checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = doc(3, "Keep the newest N checkpoints, deleting older ones after each save (a corrupt newest one is skipped for the one before on resume); 0 = keep all.")
 
 
 @dataclass
@@ -85,7 +86,11 @@ class GenerationConfig:
     top_p: float = doc(1.0, "Nucleus sampling for rollouts.")
     kv_cache_gib: float = doc(1.0, "vLLM KV cache size per actor in GiB (CPU).")
     tensor_parallel_size: int = doc(1, "vLLM tensor parallelism (GPU).")
-    weight_sync: str = doc("object_store", "'object_store': the learner publishes one ObjectRef, every worker reloads it in place.")
+    weight_sync: str = doc("auto", "How new policy weights reach the generators: 'broadcast' (learner rank 0 and every generation worker form one process group, gloo on CPU and NCCL on GPU, and rank 0 broadcasts the weights in buckets straight into the vLLM engines), 'object_store' (the learner publishes one ObjectRef, every worker reloads it in place) or 'auto' (broadcast; the object store where the group cannot form).")
+    samples_per_prompt: int = doc(1, "Responses sampled per prompt, in one vLLM request (one prompt prefill); they stay together as a group through scoring, the queue and the learners' shards. ppo.rollout_batch_size counts responses, so an iteration draws rollout_batch_size / samples_per_prompt prompts.")
+    weight_bucket_mb: int = doc(64, "Broadcast weight sync: MiB of tensors packed into one collective.")
+    num_gpus: float = doc(-1, "GPUs per generation actor; -1 = generation.tensor_parallel_size on a cluster with GPUs, 0 on one without.")
+    gpu_memory_utilization: float = doc(0.85, "GPU: fraction of its GPU's memory a vLLM engine may use (weights, activations, KV cache).")
     resources: str = doc("", "Custom Ray resources each generation actor needs, e.g. 'hh_generator=1' to place them on the generator nodes of cluster.yaml.")
 
 
@@ -93,7 +98,8 @@ class GenerationConfig:
 class PPOConfig:
     kl_coef: float = doc(0.001, "lambda_KL in r = r_PM - lambda_KL * KL(pi || pi0) (paper: 0.001).")
     kl_estimator: str = doc("k1", "Per-token KL estimate in the penalty: 'k1' (log ratio) or 'k3' (unbiased, non-negative); the logged KL is always k1.")
-    advantage_estimator: str = doc("gae", "Advantages from the per-token rewards: 'gae' (generalised advantage estimation with the critic).")
+    advantage_estimator: str = doc("gae", "Advantages from the per-token rewards: 'gae' (generalised advantage estimation with the critic: the paper's), or critic-free, from the samples of one prompt (generation.samples_per_prompt >= 2): 'grpo' (reward minus the group's mean, over its std), 'grpo_no_std' (minus the mean only), 'rloo' (minus the mean of the other samples); or 'reinforce_pp' (REINFORCE++: per-token returns with the KL penalty inside, normalised over the batch). Without GAE no critic is built, trained, checkpointed or synced.")
+    kl_in: str = doc("reward", "Where the KL to pi0 is paid: 'reward' (r = r_PM - kl_coef * KL per token, the paper's) or 'loss' (a kl_coef * k3 KL term in the policy loss).")
     clip_eps: float = doc(0.2, "PPO clip epsilon (paper: 0.2).")
     value_clip_eps: float = doc(0.2, "Value-function clip range.")
     gamma: float = doc(1.0, "Discount (paper: 1).")
@@ -116,11 +122,15 @@ class PPOConfig:
     critic_init: str = doc("pm", "Critic initialisation: 'pm' (paper-style, from the PM) or 'policy'.")
     mode: str = doc("sync", "'sync' (on-policy) or 'async' (generate batch i+1 with version i while learning on batch i: staleness 1).")
     checkpoint_every: int = doc(5, "Checkpoint every N iterations.")
+    keep_checkpoints: int = doc(3, "Keep the newest N checkpoints, deleting older ones after each save (a corrupt newest one is skipped for the one before on resume; the one a run resumed from is kept too); 0 = keep all, as `eval robustness` needs (it scores every checkpoint).")
     eval_prompts: int = doc(32, "Held-out prompts scored at the start and end of the run.")
     max_actor_restarts: int = doc(3, "Times a dead generation worker or PM service is replaced (current weights reloaded, the iteration's prompts regenerated) before the run stops.")
     cpus_per_learner: int = doc(1, "CPUs per learner worker; Ray sets its torch threads (OMP_NUM_THREADS) from it.")
     fuse_value_pass: bool = doc(True, "With one epoch over one minibatch, take the critic's old values from its training forward instead of a separate pass (same numbers, one forward pass fewer).")
     pm_service_cpus: int = doc(1, "CPUs of the PM scoring service; its torch threads follow.")
+    pm_service_gpus: float = doc(-1, "GPUs of the PM scoring service; -1 = 1 on a cluster with GPUs, 0 on one without.")
+    pm_service_resources: str = doc("", "Custom Ray resources the PM scoring service needs, e.g. 'hh_generator=1'.")
+    gpus_per_learner: float = doc(-1, "GPUs per learner worker; -1 = 1 on a cluster with GPUs, 0 on one without (then it trains on CPU).")
     autocast: str = doc("none", "Mixed precision for the learner's policy and critic passes and the PM service: 'bfloat16' (GPUs, or CPUs with AVX512-BF16/AMX: ~2x faster), 'none', or 'auto' (bf16 only where a short matmul probe, cached per processor, finds it at least as fast as fp32; printed and written to config.yaml). Weights, optimizer states and the reference pass stay in model.dtype, so the KL against the reference is as exact as without it; PM scores correlate 0.9993 with fp32 ones (demo PM).")
     learner_resources: str = doc("", "Custom Ray resources each learner worker needs, e.g. 'hh_learner=1' to place them on the learner nodes of cluster.yaml.")
     truncation_penalty: float = doc(0.0, "Subtracted from the PM score of a response cut at generation.max_new_tokens (it did not end its turn); 0 = off.")
@@ -199,9 +209,10 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.conversation_format": FORMATS,
     "pm.strategy": ("ddp", "fsdp"),
-    "generation.weight_sync": ("object_store",),
+    "generation.weight_sync": ("auto", "broadcast", "object_store"),
     "ppo.kl_estimator": tuple(KL_ESTIMATORS),
     "ppo.advantage_estimator": tuple(ADVANTAGE_ESTIMATORS),
+    "ppo.kl_in": ("reward", "loss"),
     "ppo.loss_agg": ("token_mean", "seq_mean"),
     "ppo.lr_schedule": ("constant", "linear", "cosine"),
     "ppo.critic_init": ("pm", "policy"),
@@ -218,6 +229,7 @@ RANGES = {
     **{k: (1, None) for k in (
         "model.max_seq_len", "pm.epochs", "pm.batch_size", "pm.grad_accum", "pm.checkpoint_every",
         "pm.num_workers", "pm.cpus_per_worker", "generation.num_workers", "generation.cpus_per_worker", "generation.max_new_tokens",
+        "generation.samples_per_prompt",
         "generation.tensor_parallel_size", "ppo.epochs", "ppo.rollout_batch_size", "ppo.minibatch_size",
         "ppo.micro_batch_size", "ppo.num_learners", "ppo.cpus_per_learner", "ppo.pm_service_cpus", "ppo.checkpoint_every",
         "online.rounds", "online.comparisons_per_round",
@@ -226,6 +238,9 @@ RANGES = {
     "data.eval_fraction": (0.0, 0.99),
     "generation.top_p": (1e-6, 1.0),
     "generation.kv_cache_gib": (0.01, None),
+    "generation.gpu_memory_utilization": (0.01, 1.0),
+    "generation.weight_bucket_mb": (1, None),
+    **{k: (-1, None) for k in ("generation.num_gpus", "ppo.pm_service_gpus", "ppo.gpus_per_learner")},
     "ppo.gamma": (0.0, 1.0),
     "ppo.gae_lambda": (0.0, 1.0),
     "ppo.clip_eps": (1e-6, None),
@@ -370,6 +385,14 @@ def _check_ppo(cfg: Config) -> None:
     if p.rollout_batch_size % p.minibatch_size:
         raise ConfigError(f"ppo.rollout_batch_size ({p.rollout_batch_size}) must divide by "
                           f"ppo.minibatch_size ({p.minibatch_size})")
+    k = cfg.generation.samples_per_prompt
+    if p.rollout_batch_size % k or (k > 1 and (p.rollout_batch_size // k) % n):
+        raise ConfigError(f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a whole number of prompts of "
+                          f"generation.samples_per_prompt ({k}) responses each, and the prompts must divide by "
+                          f"ppo.num_learners ({n}) so that no group splits across learners")
+    if p.advantage_estimator in ("grpo", "grpo_no_std", "rloo") and k < 2:
+        raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the samples of one prompt: "
+                          "set generation.samples_per_prompt to 2 or more")
     if cfg.generation.max_new_tokens >= cfg.model.max_seq_len:
         raise ConfigError(f"generation.max_new_tokens ({cfg.generation.max_new_tokens}) leaves no room for a "
                           f"prompt within model.max_seq_len ({cfg.model.max_seq_len})")
@@ -383,6 +406,29 @@ def validate(cfg: Config) -> None:
     for section in ("pm", "sft", "distill"):
         _check_batch_split(cfg, section)
     _check_ppo(cfg)
+
+
+# What a resumed run must share with the run it continues (its config.yaml), per learner section:
+# a checkpoint's position (iteration and prompt position, step and data order) means the same
+# thing only for the same seed, batch sizes, models and data. Learning rates, iteration or
+# epoch counts, workers, micro-batches and the rest may change. A trailing '.*': the section.
+RESUME_FIELDS = {
+    "ppo": ("seed", "model.policy", "model.pm", "data.*", "ppo.rollout_batch_size", "ppo.minibatch_size",
+            "generation.samples_per_prompt", "ppo.advantage_estimator"),
+    "pm": ("seed", "model.policy", "model.pm", "data.*", "pm.batch_size", "pm.pmp_source"),
+    "distill": ("seed", "model.policy", "data.*", "distill.batch_size", "distill.corpus", "distill.num_texts",
+                "distill.prompt_file", "distill.max_prompt_tokens"),
+    "sft": ("seed", "model.policy", "data.*", "sft.batch_size"),
+}
+
+
+def resume_mismatches(saved: Config, new: Config, section: str = "ppo") -> list[str]:
+    """Each field of RESUME_FIELDS[section] whose value differs between a run's saved config and
+    the config it is resumed with, as 'key: saved value (run) vs new value (now)'; [] when none."""
+    saved_flat, new_flat = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    keys = [k for pattern in RESUME_FIELDS[section]
+            for k in ([f for f in saved_flat if f.startswith(pattern[:-1])] if pattern.endswith(".*") else [pattern])]
+    return [f"{k}: {saved_flat[k]!r} (run) vs {new_flat[k]!r} (now)" for k in keys if saved_flat[k] != new_flat[k]]
 
 
 def to_dict(cfg: Config) -> dict:

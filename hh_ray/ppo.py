@@ -151,7 +151,8 @@ class Experience:
 def make_experience(pm_score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor,
                     mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "k1",
                     advantage_estimator: str = "gae", gamma: float = 1.0, lam: float = 0.95,
-                    whiten_advantages: bool = True, all_reduce_sum=None) -> Experience:
+                    whiten_advantages: bool = True, all_reduce_sum=None, groups: torch.Tensor | None = None,
+                    kl_in: str = "reward") -> Experience:
     """The paper's RL step for one scored batch (Bai et al. 2022, §4.1):
     per-token KL against pi0, reward r = r_PM - lambda_KL * KL with r_PM on the last
     response token, advantages (GAE by default), and whitening over the whole batch.
@@ -159,13 +160,18 @@ def make_experience(pm_score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
     `logp` are the sampling policy's log-probs of the response tokens, `ref_logp`
     pi0's, `values` the critic's V(s_t) ([B, T], 0 outside the response). The logged
     KL is always k1 on the sampled tokens, whichever estimator the penalty uses, so
-    the sqrt(KL) axis of every plot means the same thing."""
+    the sqrt(KL) axis of every plot means the same thing.
+
+    `groups` [B]: the prompt each sample answers, for the group estimators (default: each
+    sample its own). `kl_in="loss"` leaves the KL out of the reward (the learner adds it to
+    the policy loss instead, `kl_loss`)."""
     mask = mask.to(values.dtype)
     kl = kl_penalty(logp, ref_logp, kl_estimator) * mask
-    r = rewards(pm_score, kl, mask, kl_coef)
+    r = rewards(pm_score, kl, mask, kl_coef if kl_in == "reward" else 0.0)
     estimate = lookup(ADVANTAGE_ESTIMATORS, advantage_estimator, "ppo.advantage_estimator")
-    adv, returns = estimate(r, values * mask, mask, gamma, lam)
-    if whiten_advantages:
+    groups = torch.arange(len(pm_score), device=pm_score.device) if groups is None else groups
+    adv, returns = estimate(r, values * mask, mask, groups, gamma, lam)
+    if whiten_advantages and estimate.whiten:
         adv = whiten(adv, mask, all_reduce_sum)
     return Experience(kl=kl, rewards=r, advantages=adv, returns=returns,
                       kl_k1=((logp - ref_logp) * mask).sum(1), reward_total=r.sum(1))
@@ -174,7 +180,13 @@ def make_experience(pm_score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
         gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE (hh_ray/estimators.py), under its usual name."""
-    return ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, gamma, lam)
+    return ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, None, gamma, lam)
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, agg: str = "token_mean") -> torch.Tensor:
+    """`ppo.kl_in=loss`: the k3 estimate of KL(pi || pi0) on the sampled tokens as a loss term
+    (differentiable in the current policy's `logp`), instead of a penalty in the reward."""
+    return masked_mean(KL_ESTIMATORS["k3"](logp, ref_logp), mask, agg)
 
 
 # ---------------------------------------------------------------- losses

@@ -41,6 +41,16 @@ class RolloutBatch:
     finish_reasons: list[str]         # 'stop': the response ended its turn; 'length': cut at max_new_tokens
     pm_score: torch.Tensor | None = None      # [B] PM score of prompt + response
     ref_logprobs: torch.Tensor | None = None  # [B, T] initial policy's log-probs, same alignment
+    group: torch.Tensor | None = None         # [B] the prompt (within the batch) each sample answers
+
+    def groups(self) -> torch.Tensor:
+        """[B] group ids: `group`, or each sample its own (one sample per prompt)."""
+        return torch.arange(len(self)) if self.group is None else self.group.cpu()
+
+    def shard_rows(self, rank: int, world: int) -> list[int]:
+        """The rows learner `rank` of `world` trains on: whole groups, dealt round-robin (one
+        sample per prompt: rows rank, rank + world, …)."""
+        return [i for i, g in enumerate(self.groups().tolist()) if g % world == rank]
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -88,6 +98,11 @@ class RolloutBatch:
                 out[f.name] = v
         return replace(self, **out)
 
+    def to(self, device) -> "RolloutBatch":
+        """Every tensor on `device` (the learner's)."""
+        return replace(self, **{f.name: v.to(device) for f in fields(self)
+                                if isinstance(v := getattr(self, f.name), torch.Tensor)})
+
     @staticmethod
     def concat(batches: list["RolloutBatch"], pad_id: int) -> "RolloutBatch":
         """Join batches, padding every [B, T] tensor to the widest."""
@@ -107,9 +122,17 @@ class RolloutBatch:
         return RolloutBatch(**out)
 
 
-def drop_nonfinite(batch: RolloutBatch) -> tuple[RolloutBatch, int]:
-    """Rows with a NaN/inf PM score or behaviour log-prob removed, and how many.
-    One such sample would poison the whole update (NaN advantages after whitening)."""
+def drop_nonfinite(batch: RolloutBatch, multiple: int = 1) -> tuple[RolloutBatch, int]:
+    """Rows with a NaN/inf PM score or behaviour log-prob removed, and how many rows were dropped in all.
+    One such sample would poison the whole update (NaN advantages after whitening).
+
+    `multiple`: the number of learners, which shard the batch row by row. After a drop the
+    fewest more rows (the last kept ones) go too, so that it still divides by it: every
+    learner then gets as many rows, hence as many minibatch and micro-batch steps (unequal
+    shards would leave one rank waiting in a collective the others never join: a DDP hang).
+    """
     ok = torch.isfinite(batch.pm_score) & torch.isfinite(batch.behaviour_logprobs).all(1)
-    dropped = int((~ok).sum())
-    return (batch.select(ok.nonzero().squeeze(1)) if dropped else batch), dropped
+    keep = ok.nonzero().squeeze(1)
+    keep = keep[: len(keep) - len(keep) % max(1, multiple)]
+    dropped = len(batch) - len(keep)
+    return (batch.select(keep) if dropped else batch), dropped

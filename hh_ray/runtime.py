@@ -54,6 +54,25 @@ def derive_seed(seed: int, *keys) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
+# ---------------------------------------------------------------- devices
+
+def device():
+    """The torch device this process computes on: its GPU where Ray gave it one (Ray sets
+    CUDA_VISIBLE_DEVICES to the GPUs an actor or Ray Train worker was assigned), else the
+    CPU. The one place that asks whether CUDA is there."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def gpus_for(requested: float, cluster_gpus: float, when_auto: float) -> float:
+    """GPUs to ask Ray for: `requested` when set (>= 0); -1 (auto) = `when_auto` on a cluster
+    that has GPUs, 0 on one that has none."""
+    if requested >= 0:
+        return requested
+    return when_auto if cluster_gpus > 0 else 0
+
+
 # ---------------------------------------------------------------- precision for the hardware
 
 def resolve_autocast(value: str, cache_dir: str = "") -> tuple[str, str]:
@@ -65,7 +84,7 @@ def resolve_autocast(value: str, cache_dir: str = "") -> tuple[str, str]:
         return value, "set in the config"
     import torch
 
-    if torch.cuda.is_available():
+    if device().type == "cuda":
         return ("bfloat16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("none", "CUDA without bf16")
     fp32, bf16 = cpu_matmul_seconds(cache_dir)
     why = f"CPU matmul 512x512: fp32 {fp32 * 1e3:.2f} ms, bf16 {bf16 * 1e3:.2f} ms"

@@ -39,3 +39,148 @@ def as_tensors(weights: dict) -> dict:
     with warnings.catch_warnings():  # read-only is fine: reload_weights copies out of them
         warnings.simplefilter("ignore", UserWarning)
         return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in weights.items()}
+
+
+# ---------------------------------------------------------------- broadcast: buckets over a process group
+#
+# `generation.weight_sync: broadcast`: learner rank 0 and every generation worker form one
+# process group of their own (gloo on CPU, NCCL on GPU; the same code), and rank 0 broadcasts
+# the policy's tensors packed into buckets of about `bucket_bytes`: a few large collectives
+# instead of one per tensor. Both sides agree on the layout from the same `specs`.
+
+ALIGN = 16  # bytes: every tensor starts aligned in its bucket, so `view(dtype)` is legal
+
+
+def tensor_specs(named: dict[str, torch.Tensor]) -> tuple[list[list], dict[str, str]]:
+    """([[name, dtype name, shape], ...] of the distinct tensors, {alias: name}) of a state dict.
+
+    A tied weight (`lm_head.weight` sharing the embedding's storage) travels once and is
+    handed to the receiver under both names (weights_for_sync explains why it must arrive)."""
+    specs, aliases, seen = [], {}, {}
+    for name, t in named.items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        specs.append([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+    return specs, aliases
+
+
+def _nbytes(spec: list) -> int:
+    _, dtype, shape = spec
+    n = getattr(torch, dtype).itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_buckets(specs: list[list], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive runs of spec indices whose padded sizes add up to at most `bucket_bytes`
+    (a tensor larger than that is a bucket of its own)."""
+    buckets, cur, size = [], [], 0
+    for i, spec in enumerate(specs):
+        n = _padded(_nbytes(spec))
+        if cur and size + n > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def pack_bucket(tensors: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensors' bytes end to end (each padded to ALIGN) in one uint8 buffer on `device`."""
+    sizes = [_padded(t.numel() * t.element_size()) for t in tensors]
+    buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    offset = 0
+    for t, n in zip(tensors, sizes):
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        buf[offset: offset + raw.numel()].copy_(raw)
+        offset += n
+    return buf
+
+
+def unpack_bucket(buf: torch.Tensor, specs: list[list]) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) views into a buffer `pack_bucket` filled, in `specs` order."""
+    out, offset = [], 0
+    for name, dtype, shape in specs:
+        n = _nbytes([name, dtype, shape])
+        out.append((name, buf[offset: offset + n].view(getattr(torch, dtype)).reshape(shape)))
+        offset += _padded(n)
+    return out
+
+
+def bucket_size(specs: list[list], bucket: list[int]) -> int:
+    return sum(_padded(_nbytes(specs[i])) for i in bucket)
+
+
+def rendezvous(host: str, port: int, world_size: int, is_host: bool, timeout_s: float):
+    """The store a weight group meets through; the host (rank 0) may pass port 0 for any free
+    port and read it from `.port`."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, port, world_size, is_host, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def join_group(store, rank: int, world_size: int, backend: str, timeout_s: float):
+    """A process group of its own (not torch.distributed's default one, which the learners'
+    DDP and vLLM each use) over `store`; blocks until all `world_size` ranks have joined."""
+    from datetime import timedelta
+
+    from torch.distributed import PrefixStore
+
+    timeout, prefixed = timedelta(seconds=timeout_s), PrefixStore("hh-ray-weights", store)
+    if backend == "gloo":
+        from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+        return ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    if backend == "nccl":
+        from torch.distributed.distributed_c10d import ProcessGroupNCCL
+
+        opts = ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return ProcessGroupNCCL(prefixed, rank, world_size, opts)
+    raise ValueError(f"weight broadcast backend {backend!r}: expected 'gloo' or 'nccl'")
+
+
+def _broadcast(group, buf: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([buf], opts).wait()
+
+
+def send_weights(group, named: dict[str, torch.Tensor], specs: list[list], bucket_bytes: int,
+                 device: torch.device | str = "cpu") -> int:
+    """Rank 0: broadcast the tensors `specs` names, bucket by bucket. Returns the bytes sent."""
+    sent = 0
+    for bucket in plan_buckets(specs, bucket_bytes):
+        buf = pack_bucket([named[specs[i][0]] for i in bucket], device)
+        _broadcast(group, buf)
+        sent += buf.numel()
+    return sent
+
+
+def receive_weights(group, specs: list[list], aliases: dict[str, str], bucket_bytes: int,
+                    device: torch.device | str = "cpu"):
+    """Every other rank: yield (name, tensor) as each bucket arrives, aliases after their tensor."""
+    by_name = {}
+    for alias, name in aliases.items():
+        by_name.setdefault(name, []).append(alias)
+    for bucket in plan_buckets(specs, bucket_bytes):
+        buf = torch.empty(bucket_size(specs, bucket), dtype=torch.uint8, device=device)
+        _broadcast(group, buf)
+        for name, t in unpack_bucket(buf, [specs[i] for i in bucket]):
+            yield name, t
+            for alias in by_name.get(name, ()):
+                yield alias, t

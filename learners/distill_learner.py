@@ -182,7 +182,7 @@ def train_epochs(model, opt, examples, n_train: int, targets, pos: dict, config:
                              "examples_seen": pos["examples_seen"], "seen_digest": pos["seen_digest"]})
             stopping = stop_after is not None and pos["global_step"] >= stop_after
             if stopping or pos["global_step"] % s.checkpoint_every == 0:
-                checkpoint(root, model, opt, pos, w.rank)
+                checkpoint(root, model, opt, pos, w.rank, s.keep_checkpoints)
             if stopping:
                 return True
         pos.update(step_in_epoch=0, epoch=epoch + 1)

@@ -4,8 +4,8 @@ metrics drained from a Queue while it blocks (Ray Train V2 keeps no metrics
 without a checkpoint, so workers send them through a `ray.util.queue.Queue`).
 
 Checkpoints are not Ray Train's: workers write them with learners.kit into
-run_dir/checkpoints/step-N and restore the newest on start and after a
-worker-group restart; Ray Train keeps only its own run files beside them.
+run_dir/checkpoints/step-N and restore the newest that verifies on start and
+after a worker-group restart; Ray Train keeps only its own run files beside them.
 """
 
 from __future__ import annotations
@@ -14,20 +14,29 @@ import threading
 import time
 from pathlib import Path
 
-from hh_ray.checkpoint import latest_checkpoint
+from hh_ray.checkpoint import clean_leftovers, complete_checkpoints, no_checkpoint_error, resume_checkpoint
 
 CHECKPOINTS = "checkpoints"
 
 
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> tuple[Path, Path | None]:
-    """(run_dir/checkpoints, the checkpoint to resume or None); refuses to mix runs in one folder."""
+    """(run_dir/checkpoints, the checkpoint to resume or None); refuses to mix runs in one folder.
+
+    resume: the newest checkpoint that verifies (corrupt or incomplete newer ones are skipped,
+    and said so), leftovers of killed saves cleaned first; none is an error naming the folder.
+    A fresh run into a folder that holds a checkpoint is refused before anything is written."""
     root = Path(run_dir) / CHECKPOINTS
-    latest = latest_checkpoint(root)
-    if resume and latest is None:
-        raise ValueError(f"--resume: no checkpoint under {root}")
-    if not resume and latest is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or another --run-dir")
-    return root, latest if resume else None
+    if not resume:
+        if done := complete_checkpoints(root):
+            raise ValueError(f"{run_dir} already holds checkpoints ({done[-1]}): pass --resume to continue it, "
+                             "or another --run-dir")
+        clean_leftovers(root, recover=False)
+        return root, None
+    clean_leftovers(root)
+    latest = resume_checkpoint(root)
+    if latest is None:
+        raise no_checkpoint_error(root)
+    return root, latest
 
 
 def torch_trainer(train_loop, **kwargs):
@@ -57,7 +66,7 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path,
 
     Ray Train's run files go under ckpt_root (beside the step-N checkpoints the
     workers write there themselves). After a worker dies, Ray restarts the group up
-    to max_failures times; the new workers resume from latest_checkpoint(ckpt_root).
+    to max_failures times; the new workers resume from resume_checkpoint(ckpt_root).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig

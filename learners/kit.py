@@ -7,7 +7,8 @@ hh_ray.checkpoint, written by this kit directly rather than through
 `ray.train.report`: full (unsharded) state dicts gathered to rank 0 on the CPU,
 the same files whether DDP, FSDP or a single process wrote them, and a worker
 restored after a worker-group restart reads them back with
-`hh_ray.checkpoint.latest_checkpoint`. Nothing here needs Ray itself.
+`hh_ray.checkpoint.resume_checkpoint` (the newest that verifies against its
+manifest). Nothing here needs Ray itself.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hh_ray.checkpoint import checkpoint_dir, read_checkpoint, write_checkpoint
+from hh_ray.runtime import device
 
 
 def unwrap(model) -> torch.nn.Module:
@@ -45,7 +47,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if _world() > 1:
         if dist.get_backend() == "nccl":
-            t = t.cuda()
+            t = t.to(device())
         dist.all_reduce(t)
     return t.cpu().tolist()
 

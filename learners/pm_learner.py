@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from hh_ray.checkpoint import latest_checkpoint, prune_checkpoints, read_state
+from hh_ray.checkpoint import latest_checkpoint, prune_checkpoints, read_state, resume_checkpoint
 from hh_ray.config import with_value
 from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import DataError, load_comparisons
@@ -43,7 +43,6 @@ from learners.kit import (adamw, all_reduce_sum, clip_and_step, full_model_state
                           restore_checkpoint, save_checkpoint)
 
 MAX_GRAD_NORM = 1.0  # clipping keeps the tiny test model's high LR stable; harmless at paper LRs
-KEEP_CHECKPOINTS = 2  # runs resume from the newest; the one before is a spare (Ray Train kept 2 before too)
 
 
 # ---------------------------------------------------------------- data order (pure)
@@ -89,19 +88,20 @@ def fresh_position() -> dict:
 def resume_point(root: Path) -> tuple[Path | None, dict]:
     """(checkpoint to restore or None, data position) for a worker starting up.
 
-    The newest checkpoint under root is the one to continue from in every case:
-    on a fresh run there is none (checkpoint_to_resume refused a used folder),
-    with --resume it is the one named, and after a Ray Train worker-group restart
-    it is the newest this run wrote.
+    The newest checkpoint under root that verifies is the one to continue from in
+    every case: on a fresh run there is none (checkpoint_to_resume refused a used
+    folder), with --resume it is the one named, and after a Ray Train worker-group
+    restart it is the newest this run wrote (a corrupt newer one is skipped).
     """
-    folder = latest_checkpoint(root)
+    folder = resume_checkpoint(root)
     return folder, (read_state(folder) if folder else fresh_position())
 
 
-def checkpoint(root: Path, model, opt, pos: dict, rank: int) -> None:
-    """Save the learner at pos["global_step"] (collective: every rank calls it), keeping the newest few."""
+def checkpoint(root: Path, model, opt, pos: dict, rank: int, keep: int = 3) -> None:
+    """Save the learner at pos["global_step"] (collective: every rank calls it), keeping the newest
+    `keep` (the section's keep_checkpoints; 0 = all)."""
     if save_checkpoint(root, pos["global_step"], {"model": model}, {"model": opt}, pos, rank):
-        prune_checkpoints(root, KEEP_CHECKPOINTS)
+        prune_checkpoints(root, keep)
 
 
 # ---------------------------------------------------------------- the learner (one per Ray Train worker)
@@ -158,7 +158,7 @@ def train_stage(model, opt, tok, stage: dict, si: int, pos: dict, config: dict, 
                     "seen_digest": pos["seen_digest"], "batch_digest": chain_digest("", ids)})
             stopping = stop_after is not None and pos["global_step"] >= stop_after
             if stopping or pos["global_step"] % pm.checkpoint_every == 0:
-                checkpoint(root, model, opt, pos, rank)
+                checkpoint(root, model, opt, pos, rank, pm.keep_checkpoints)
             if stopping:
                 return True
         pos.update(step_in_epoch=0, epoch=epoch + 1)

@@ -2,9 +2,12 @@
 the reference policy pi0, for the whole run (built once; one DDP group).
 
 The controller drives the group by commands (learners/transport.py): each is a
-method of `PPOWorker` — `train`, `checkpoint`, `restore`, `save`. After every
-update rank 0 publishes the new policy weights as one ObjectRef (hh_ray.weights),
-which the controller hands to the generators.
+method of `PPOWorker` — `train`, `broadcast`, `publish`, `checkpoint`, `restore`,
+`save`. After an update the new policy reaches the generators by `broadcast` (rank 0
+sends it over a process group with them: learners/weight_sync.py) or `publish` (rank 0
+puts it in the object store as one ObjectRef, which the controller hands to them).
+Every worker computes on its device (hh_ray.runtime.device: the GPU Ray Train gave
+it, else the CPU): models, optimizer state, the reference and each batch.
 
 Old log-probs are vLLM's behaviour log-probs: in sync mode they are the current
 policy's (to ~1e-5), in async mode those of the policy that really sampled,
@@ -34,15 +37,17 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig
 
 from hh_ray import ppo
+from hh_ray.estimators import needs_critic
 from hh_ray.config import Config, parse_resources
 from hh_ray.models import autocast, load_policy, load_scalar_head_model, load_tokenizer, response_logits, save_model, token_values
 from hh_ray.rollout import RolloutBatch
-from hh_ray.runtime import derive_seed, worker_env
+from hh_ray.runtime import derive_seed, device, gpus_for, worker_env
 from hh_ray.weights import weights_for_sync
 from learners.group import torch_trainer
 from learners.kit import (adamw, all_reduce_mean, all_reduce_sum, clip_and_step, no_sync_unless, restore_checkpoint,
                           save_checkpoint, unwrap)
 from learners.transport import CommandClient, LearnerGroupRestarted, post_fit_ended, serve_commands
+from learners.weight_sync import WeightBroadcaster
 
 RESULT_TIMEOUT_S = 1800
 
@@ -98,7 +103,7 @@ def micro_batches(batch: RolloutBatch, rows: list[int], size: int):
 
 
 def _all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(all_reduce_sum(t.tolist()), dtype=t.dtype)
+    return torch.tensor(all_reduce_sum(t.tolist()), dtype=t.dtype, device=t.device)
 
 
 @dataclass
@@ -115,7 +120,9 @@ class PPOWorker:
         ctx = ray.train.get_context()
         self.cfg, self.p = cfg, cfg.ppo
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device_type = ray.train.torch.get_device().type
+        self.device = device()
+        self.device_type = self.device.type
+        self.broadcaster = None  # rank 0, broadcast sync: made at the first `broadcast`
         torch.manual_seed(cfg.seed)
         self.build(paths)
         if paths.resume_from:
@@ -126,70 +133,87 @@ class PPOWorker:
     def build(self, paths: LearnerPaths) -> None:
         cfg = self.cfg
         policy = load_policy(paths.policy, cfg.model.dtype)
-        critic, self.critic_tokenizer = load_scalar_head_model(paths.critic, cfg.model.dtype)
-        self.reference = PolicyModel(load_policy(paths.policy, cfg.model.dtype).eval().requires_grad_(False))
+        # GAE needs a critic; the critic-free estimators (GRPO, RLOO, REINFORCE++) build none.
+        self.has_critic = needs_critic(self.p.advantage_estimator)
+        critic, self.critic_tokenizer = (load_scalar_head_model(paths.critic, cfg.model.dtype) if self.has_critic
+                                         else (None, None))
+        trained = [m for m in (policy, critic) if m is not None]
+        self.reference = PolicyModel(load_policy(paths.policy, cfg.model.dtype).eval().requires_grad_(False)).to(self.device)
         self.policy_tokenizer = load_tokenizer(paths.policy)
         if self.p.autocast == "bfloat16" and self.device_type == "cpu":
             # torch's fused CPU attention has a slow bf16 backward (1.7 s of a 10 s policy
             # forward+backward, SmolLM2, 16 x 150 tokens); eager attention (bmm, fp32
             # softmax) makes that forward+backward 19% faster. In fp32 sdpa is the faster.
-            for m in (policy, critic):
+            for m in trained:
                 m.set_attn_implementation("eager")
         if cfg.model.gradient_checkpointing:
-            for m in (policy, critic):
+            for m in trained:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
-        self.policy, self.value_model = PolicyModel(policy), ValueModel(critic)
+        self.policy = PolicyModel(policy).to(self.device)
         self.policy_opt = adamw(self.policy.parameters(), lr=self.p.lr)
-        self.critic_opt = adamw(self.value_model.parameters(), lr=self.p.critic_lr)
+        self.value_model = self.critic_opt = None
+        if self.has_critic:
+            self.value_model = ValueModel(critic).to(self.device)
+            self.critic_opt = adamw(self.value_model.parameters(), lr=self.p.critic_lr)
         if self.world > 1:
             self.policy = ray.train.torch.prepare_model(self.policy)
-            self.value_model = ray.train.torch.prepare_model(self.value_model)
-        self.policy.train()
-        self.value_model.train()
+            if self.has_critic:
+                self.value_model = ray.train.torch.prepare_model(self.value_model)
+        for m in (self.policy, self.value_model):
+            if m is not None:
+                m.train()
         self.mixed = functools.partial(autocast, self.p.autocast, self.device_type)
 
     def models(self) -> tuple[dict, dict]:
         """The HF models by checkpoint name, with the optimizers that train them."""
-        return ({"policy": unwrap(self.policy).lm, "critic": unwrap(self.value_model).critic},
-                {"policy": self.policy_opt, "critic": self.critic_opt})
+        models, optimizers = {"policy": unwrap(self.policy).lm}, {"policy": self.policy_opt}
+        if self.has_critic:
+            models["critic"], optimizers["critic"] = unwrap(self.value_model).critic, self.critic_opt
+        return models, optimizers
 
     def ready(self) -> dict:
-        pids = [None] * self.world
+        """What the group announces when it starts: every rank's pid and placement, and
+        the weights it holds."""
+        me = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
+        ranks = [None] * self.world
         if self.world > 1:
-            dist.all_gather_object(pids, os.getpid())
+            dist.all_gather_object(ranks, me)
         else:
-            pids = [os.getpid()]
-        return {"pids": pids, "weights": self.publish()}
+            ranks = [me]
+        return {"pids": [r["pid"] for r in ranks], "placement": ranks, "weights": self.publish()}
 
     # ---- one PPO iteration on this worker's shard
 
     def train(self, batch: list, iteration: int) -> dict:
         t0 = time.time()
         whole: RolloutBatch = ray.get(batch[0])
-        shard = whole.select(list(range(self.rank, len(whole), self.world)))
+        shard = whole.select(whole.shard_rows(self.rank, self.world)).to(self.device)  # whole groups
         self.set_lr(iteration)
         ref_logp = self.reference_logprobs(shard)
-        if self.fused(shard):
+        if not self.has_critic:
+            values, stats = torch.zeros_like(shard.behaviour_logprobs), {}
+        elif self.fused(shard):
             values, stats = self.critic_step_with_values(shard, ref_logp)
         else:
             values, stats = self.old_values(shard), {}
-        exp = self.experience(shard.pm_score, shard.behaviour_logprobs, ref_logp, values, shard.response_mask)
+        exp = self.experience(shard.pm_score, shard.behaviour_logprobs, ref_logp, values, shard.response_mask,
+                              groups=shard.groups().to(self.device))
         t_forward = time.time() - t0
-        stats = {**stats, **self.update(shard, exp, values, iteration, train_critic=not self.fused(shard))}
+        stats = {**stats, **self.update(shard, exp, values, ref_logp, iteration,
+                                        train_critic=self.has_critic and not self.fused(shard))}
         metrics = all_reduce_mean({**stats, "kl": float(exp.kl_k1.mean()), "reward_total": float(exp.reward_total.mean()),
                                    "staleness": float((iteration - shard.policy_version).float().mean()),
                                    "time_learn_forward": t_forward, "time_learn_update": time.time() - t0 - t_forward})
-        t1 = time.time()
-        weights = self.publish()  # no ref stays here: once the generators hold them, the object is freed
-        return {"weights": weights, "metrics": {**metrics, "time_learn_publish": time.time() - t1},
-                # the KL of the logged samples (rank 0's first rows: batch rows 0, world, 2·world, …)
+        return {"metrics": metrics,
+                # the KL of the logged samples (rank 0's first rows, RolloutBatch.shard_rows)
                 "sample_kl": exp.kl_k1[: self.p.log_samples].tolist()}
 
     def fused(self, shard: RolloutBatch) -> bool:
         """One epoch over one minibatch (the paper's main setting): the critic's first training
         forward sees the weights a separate no-grad pass would, so it gives the old values."""
-        return self.p.fuse_value_pass and self.p.epochs == 1 and self.per_worker_minibatch() >= len(shard)
+        return (self.has_critic and self.p.fuse_value_pass and self.p.epochs == 1
+                and self.per_worker_minibatch() >= len(shard))
 
     def per_worker_minibatch(self) -> int:
         return max(1, self.p.minibatch_size // self.world)
@@ -197,7 +221,7 @@ class PPOWorker:
     def set_lr(self, iteration: int) -> None:
         factor = ppo.lr_factor(iteration, self.p.iterations, self.p.lr_schedule, self.p.warmup_iterations)
         for opt, lr in ((self.policy_opt, self.p.lr), (self.critic_opt, self.p.critic_lr)):
-            for g in opt.param_groups:
+            for g in opt.param_groups if opt is not None else ():
                 g["lr"] = lr * factor
 
     @torch.no_grad()
@@ -219,14 +243,16 @@ class PPOWorker:
                 out[rows, :w] = ppo.shift_right(unwrap(self.value_model)(mb.input_ids[:, :w], mb.attention_mask[:, :w])).float()
         return out * shard.response_mask
 
-    def experience(self, pm_score, logp, ref_logp, values, mask, whiten: bool | None = None) -> ppo.Experience:
-        """ppo.make_experience with this run's settings; whitening over every rank's shard."""
+    def experience(self, pm_score, logp, ref_logp, values, mask, whiten: bool | None = None,
+                   groups: torch.Tensor | None = None) -> ppo.Experience:
+        """ppo.make_experience with this run's settings; whitening over every rank's shard
+        (the group estimators need only their own groups, which a shard holds whole)."""
         p = self.p
         return ppo.make_experience(
             pm_score, logp, ref_logp, values, mask, kl_coef=p.kl_coef,
             kl_estimator=p.kl_estimator, advantage_estimator=p.advantage_estimator, gamma=p.gamma, lam=p.gae_lambda,
             whiten_advantages=p.whiten_advantages if whiten is None else whiten,
-            all_reduce_sum=_all_reduce_tensor if self.world > 1 else None)
+            all_reduce_sum=_all_reduce_tensor if self.world > 1 else None, groups=groups, kl_in=p.kl_in)
 
     # ---- the updates
 
@@ -270,8 +296,8 @@ class PPOWorker:
             values[rows, :w] = old
         return values, stats
 
-    def update(self, shard: RolloutBatch, exp: ppo.Experience, old_values: torch.Tensor, iteration: int,
-               train_critic: bool) -> dict:
+    def update(self, shard: RolloutBatch, exp: ppo.Experience, old_values: torch.Tensor, ref_logp: torch.Tensor,
+               iteration: int, train_critic: bool) -> dict:
         """ppo.epochs passes over the shard in minibatches: a policy step (and a critic step) each."""
         p, temperature = self.p, self.cfg.generation.temperature
         old_logp = shard.behaviour_logprobs
@@ -282,7 +308,11 @@ class PPOWorker:
                                               entropy_grad=p.entropy_coef != 0)
             pl, st = ppo.ppo_loss(logp, old_logp[rows, :w], exp.advantages[rows, :w], m, p.clip_eps, p.loss_agg)
             entropy = ppo.masked_mean(ent, m, p.loss_agg)
-            return pl - p.entropy_coef * entropy, {"policy_loss": pl.detach(), "entropy": entropy.detach(), **st}, None
+            loss = pl - p.entropy_coef * entropy
+            if p.kl_in == "loss":
+                kl = ppo.kl_loss(logp, ref_logp[rows, :w], m, p.loss_agg)
+                loss, st = loss + p.kl_coef * kl, {**st, "kl_loss": kl.detach()}
+            return loss, {"policy_loss": pl.detach(), "entropy": entropy.detach(), **st}, None
 
         def critic_loss(rows, mb, w, m):
             values = ppo.shift_right(self.value_model(mb.input_ids[:, :w], mb.attention_mask[:, :w])).float()
@@ -308,8 +338,18 @@ class PPOWorker:
     # ---- weights, checkpoints, the final models
 
     def publish(self) -> list | None:
-        """[ObjectRef] to the policy's weights (rank 0), for the generators."""
+        """[ObjectRef] to the policy's weights (rank 0), for the generators. No ref stays
+        here: once the generators hold them, the object is freed."""
         return [ray.put(weights_for_sync(unwrap(self.policy).lm))] if self.rank == 0 else None
+
+    def broadcast(self, version: int, workers: list) -> dict | None:
+        """Rank 0: send the policy straight into the generation workers' engines."""
+        if self.rank != 0:
+            return None
+        if self.broadcaster is None:
+            g = self.cfg.generation
+            self.broadcaster = WeightBroadcaster(self.device, g.tensor_parallel_size, g.weight_bucket_mb << 20)
+        return self.broadcaster.send(unwrap(self.policy).lm.state_dict(), version, workers)
 
     def checkpoint(self, root: str, step: int, controller_state: dict) -> dict:
         models, optimizers = self.models()
@@ -328,7 +368,8 @@ class PPOWorker:
             models, _ = self.models()
             fmt = self.cfg.model.conversation_format  # resolved by the controller
             save_model(models["policy"], self.policy_tokenizer, Path(path) / "policy", conversation_format=fmt)
-            save_model(models["critic"], self.critic_tokenizer, Path(path) / "critic", conversation_format=fmt)
+            if self.has_critic:
+                save_model(models["critic"], self.critic_tokenizer, Path(path) / "critic", conversation_format=fmt)
         return {"path": path}
 
 
@@ -348,13 +389,13 @@ class PPOLearnerGroup:
         n = cfg.ppo.num_learners
         commands = [mailbox.channel(f"learner-{rank}-commands") for rank in range(n)]
         self.results = mailbox.channel("learner-results")
-        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        gpus = gpus_for(cfg.ppo.gpus_per_learner, ray.cluster_resources().get("GPU", 0), 1)
         self.trainer = torch_trainer(
             ppo_train_loop,
             train_loop_config={"cfg": cfg, "paths": paths, "commands": commands, "results": self.results},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={
-                "CPU": cfg.ppo.cpus_per_learner, **({"GPU": 1} if use_gpu else {}),
+            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=bool(gpus), resources_per_worker={
+                "CPU": cfg.ppo.cpus_per_learner, **({"GPU": gpus} if gpus else {}),
                 **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}),
             run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train"),
                                  failure_config=FailureConfig(max_failures=cfg.ppo.max_learner_restarts),
@@ -374,7 +415,7 @@ class PPOLearnerGroup:
         post_fit_ended(self.results, error)
 
     def _on_ready(self, ready: dict) -> None:
-        self.pids, self._initial_weights = ready["pids"], ready["weights"]
+        self.pids, self.placement, self._initial_weights = ready["pids"], ready["placement"], ready["weights"]
 
     def _call(self, name: str, **args) -> dict:
         try:
@@ -395,11 +436,19 @@ class PPOLearnerGroup:
         weights, self._initial_weights = self._initial_weights, None
         return weights
 
-    def train(self, batch_ref, iteration: int) -> tuple[list, dict, list[float]]:
-        """One PPO update on a rollout batch (an ObjectRef); returns ([new weights ref], metrics,
-        the KL of the logged samples)."""
+    def train(self, batch_ref, iteration: int) -> tuple[dict, list[float]]:
+        """One PPO update on a rollout batch (an ObjectRef); returns (metrics, the KL of the
+        logged samples)."""
         msg = self._call("train", batch=[batch_ref], iteration=iteration)
-        return msg["weights"], msg["metrics"], msg["sample_kl"]
+        return msg["metrics"], msg["sample_kl"]
+
+    def publish(self) -> list:
+        """[ObjectRef] to the policy's current weights."""
+        return self._call("publish")
+
+    def broadcast(self, version: int, workers: list) -> dict:
+        """Send the policy to the generation `workers` (actor handles), which hold `version` after."""
+        return self._call("broadcast", version=version, workers=workers)
 
     def checkpoint(self, root: Path, step: int, controller_state: dict) -> Path:
         return Path(self._call("checkpoint", root=str(root), step=step, controller_state=controller_state)["path"])

@@ -2,8 +2,11 @@
 
 Files round-trip exactly (weights, name-keyed Adam state, betas as a tuple);
 `latest_checkpoint` returns only complete saves; overwriting a step survives a
-crash at each point of the swap; save/restore through torch's distributed
-state-dict API works on a plain module in a world of one.
+crash at each point of the swap; the manifest catches a file cut, lost or
+changed on disk, and `resume_checkpoint` passes over such a checkpoint to the
+one before; leftovers of killed saves are cleaned (or recovered); pruning keeps
+the newest K; save/restore through torch's distributed state-dict API works on
+a plain module in a world of one.
 """
 
 import json
@@ -13,8 +16,9 @@ import shutil
 import pytest
 import torch
 
-from hh_ray.checkpoint import (CHECKPOINT_PREFIX, checkpoint_dir, latest_checkpoint, prune_checkpoints,
-                               read_checkpoint, read_state, write_checkpoint)
+from hh_ray.checkpoint import (CHECKPOINT_PREFIX, CheckpointError, checkpoint_dir, clean_leftovers,
+                               latest_checkpoint, prune_checkpoints, read_checkpoint, read_model_state, read_state,
+                               resume_checkpoint, verify_checkpoint, write_checkpoint)
 from learners.kit import (adamw, all_reduce_mean, all_reduce_sum, clip_and_step, no_sync_unless,
                           restore_checkpoint, save_checkpoint, unwrap)
 
@@ -58,7 +62,13 @@ def test_write_read_round_trip_keeps_names_and_betas(tmp_path):
                               {"policy": name_keyed(m, opt)}, {"global_step": 3, "digest": "ab"})
     assert folder == tmp_path / "step-000003"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "policy.optimizer.json", "policy.optimizer.safetensors", "policy.safetensors", "state.json"]  # no pickles
+        "manifest.json", "policy.optimizer.json", "policy.optimizer.safetensors", "policy.safetensors",
+        "state.json"]  # no pickles
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == ["policy.optimizer.json", "policy.optimizer.safetensors", "policy.safetensors",
+                                "state.json"]  # every file but itself, state.json's bytes included
+    assert all(manifest[n]["size"] == (folder / n).stat().st_size and len(manifest[n]["sha256"]) == 64
+               for n in manifest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003"]  # no temporary left behind
     models, optimizers, state = read_checkpoint(folder)
     assert state == {"global_step": 3, "digest": "ab"}
@@ -151,6 +161,116 @@ def test_a_crash_while_overwriting_leaves_a_complete_checkpoint(tmp_path, monkey
     small_checkpoint(folder, 5, value=3.0)  # the next save of the step clears what the crash left
     assert latest_checkpoint(tmp_path) == folder and read_checkpoint(folder)[0]["model"]["w"][0] == 3.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000005"]
+
+
+# ---------------------------------------------------------------- manifest, resume, leftovers, pruning
+
+def flip_byte(path, at: int = -1) -> None:
+    """Damage a file in place without changing its size (what bit rot or a bad copy does)."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda f: flip_byte(f / "model.safetensors"), "model.safetensors differs from manifest.json"),
+    (lambda f: flip_byte(f / "state.json", 1), "state.json differs from manifest.json"),
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-3]),
+     "model.safetensors is .* bytes, manifest.json says"),
+    (lambda f: (f / "model.optimizer.json").unlink(), "model.optimizer.json is missing"),
+    (lambda f: (f / "manifest.json").unlink(), "no manifest.json"),
+    (lambda f: (f / "manifest.json").write_text('{"files": {'), "manifest.json is damaged"),
+    (lambda f: (f / "state.json").unlink(), "incomplete, no state.json"),
+])
+def test_a_damaged_checkpoint_is_refused_on_load_naming_the_file(tmp_path, damage, msg):
+    m, opt = net()
+    train(m, opt, 1)
+    folder = write_checkpoint(checkpoint_dir(tmp_path, 1), {"model": m.state_dict()}, {"model": name_keyed(m, opt)},
+                              {"global_step": 1})
+    assert sorted(verify_checkpoint(folder)) == ["model.optimizer.json", "model.optimizer.safetensors",
+                                                 "model.safetensors", "state.json"]
+    damage(folder)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        read_checkpoint(folder)
+    assert str(folder) in str(e.value)
+    b, opt_b = net(seed=1)
+    with pytest.raises(CheckpointError, match=msg):
+        restore_checkpoint(folder, {"model": b}, {"model": opt_b})
+    assert isinstance(e.value, ValueError)  # the CLI reports it as a one-line error, exit 2
+
+
+def test_reading_one_model_checks_only_its_file(tmp_path):
+    folder = write_checkpoint(checkpoint_dir(tmp_path, 1), {"policy": {"w": torch.ones(2)}, "critic": {"v": torch.ones(3)}},
+                              {}, {"iteration": 1})
+    flip_byte(folder / "critic.safetensors")
+    assert read_model_state(folder, "policy")["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(CheckpointError, match="critic.safetensors differs"):
+        read_model_state(folder, "critic")
+    with pytest.raises(CheckpointError, match="value.safetensors is not in its manifest.json"):
+        read_model_state(folder, "value")
+
+
+def test_resume_skips_a_corrupt_or_incomplete_newest_checkpoint_and_says_so(tmp_path):
+    said = []
+    assert resume_checkpoint(tmp_path / "missing", said.append) is None and said == []
+    for step in (2, 4, 6, 8):
+        small_checkpoint(checkpoint_dir(tmp_path, step), step, value=float(step))
+    assert resume_checkpoint(tmp_path, said.append) == checkpoint_dir(tmp_path, 8) and said == []
+    flip_byte(checkpoint_dir(tmp_path, 8) / "model.safetensors")  # the newest: damaged
+    (checkpoint_dir(tmp_path, 6) / "state.json").unlink()         # the one before: a cut-short deletion
+    (tmp_path / "step-000010.tmp-1").mkdir()                      # a save in progress: not a candidate
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 8)  # cheap: looks complete
+    got = resume_checkpoint(tmp_path, said.append)
+    assert got == checkpoint_dir(tmp_path, 4) and read_checkpoint(got)[0]["model"]["w"][0] == 4.0
+    assert len(said) == 3
+    assert "step-000008" in said[0] and "model.safetensors differs" in said[0]
+    assert "step-000006" in said[1] and "incomplete" in said[1]
+    assert "resuming from" in said[2] and "skipped step-000008, step-000006" in said[2]
+    for step in (2, 4):
+        flip_byte(checkpoint_dir(tmp_path, step) / "state.json", 1)
+    assert resume_checkpoint(tmp_path, said.append) is None
+
+
+def test_clean_leftovers_removes_killed_saves_and_recovers_a_cut_swap(tmp_path):
+    said = []
+    assert clean_leftovers(tmp_path / "missing", log=said.append) == [] and said == []
+    small_checkpoint(checkpoint_dir(tmp_path, 1), 1, value=1.0)
+    shutil.copytree(checkpoint_dir(tmp_path, 1), tmp_path / "step-000001.old-77")  # aside copy of a done swap
+    (tmp_path / "step-000002.tmp-77").mkdir()                                  # a save killed half-way
+    (tmp_path / "step-000002.tmp-77" / "model.safetensors").write_bytes(b"half")
+    # an overwrite of step 3 killed between its renames: only the aside (old) and the new (tmp) copy
+    small_checkpoint(tmp_path / "step-000003.old-78", 3, value=30.0)
+    small_checkpoint(tmp_path / "step-000003.tmp-78", 3, value=31.0)
+    (tmp_path / "attempt-20240101").mkdir()  # Ray Train's run files: not ours to touch
+    removed = clean_leftovers(tmp_path, log=said.append)
+    assert sorted(p.name for p in removed) == ["step-000001.old-77", "step-000002.tmp-77", "step-000003.old-78"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attempt-20240101", "step-000001", "step-000003"]
+    assert read_checkpoint(checkpoint_dir(tmp_path, 3))[0]["model"]["w"][0] == 31.0  # the newer save
+    assert any("recovered" in s for s in said) and any("removed 3 leftover" in s for s in said)
+    # without recovery (a fresh run) both copies simply go
+    small_checkpoint(tmp_path / "step-000004.tmp-79", 4)
+    clean_leftovers(tmp_path, recover=False, log=said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attempt-20240101", "step-000001", "step-000003"]
+    # a damaged new copy is not recovered: the old one is
+    small_checkpoint(tmp_path / "step-000005.old-80", 5, value=50.0)
+    small_checkpoint(tmp_path / "step-000005.tmp-80", 5, value=51.0)
+    flip_byte(tmp_path / "step-000005.tmp-80" / "model.safetensors")
+    clean_leftovers(tmp_path, log=said.append)
+    assert read_checkpoint(checkpoint_dir(tmp_path, 5))[0]["model"]["w"][0] == 50.0
+    assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.old-*"))
+
+
+def test_prune_keeps_k_and_the_protected_one_and_clears_old_incomplete_folders(tmp_path):
+    for step in range(1, 7):
+        small_checkpoint(checkpoint_dir(tmp_path, step), step)
+    (checkpoint_dir(tmp_path, 2) / "state.json").unlink()  # a deletion cut short: incomplete
+    prune_checkpoints(tmp_path, keep=0)  # 0: keep all
+    assert len(list(tmp_path.iterdir())) == 6
+    prune_checkpoints(tmp_path, keep=3, protect=checkpoint_dir(tmp_path, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000004", "step-000005", "step-000006"]
+    small_checkpoint(checkpoint_dir(tmp_path, 7), 7)
+    prune_checkpoints(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000005", "step-000006", "step-000007"]
 
 
 # ---------------------------------------------------------------- the kit, world of one

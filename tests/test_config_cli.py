@@ -116,3 +116,41 @@ def test_cli_reports_a_rule_between_fields_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "pm.batch_size=16 must be a multiple of pm.num_workers × pm.grad_accum = 3" in err and "\n" not in err
     assert not run_dir.exists()
+
+
+def test_resume_mismatches_lists_each_differing_field_with_both_values():
+    from hh_ray.config import RESUME_FIELDS, resume_mismatches
+
+    saved = Config()
+    assert resume_mismatches(saved, Config()) == []
+    new = load_config(None, {"seed": 3, "model.pm": "/pm", "data.source": "x.jsonl", "data.eval_fraction": 0.2,
+                             "ppo.rollout_batch_size": 32, "ppo.minibatch_size": 8,
+                             # none of these moves a checkpoint's position: free to change
+                             "ppo.lr": 0.1, "ppo.iterations": 99, "ppo.micro_batch_size": 2, "ppo.num_learners": 2,
+                             "pm.batch_size": 32})
+    assert resume_mismatches(saved, new, "ppo") == [
+        "seed: 0 (run) vs 3 (now)", "model.pm: '' (run) vs '/pm' (now)",
+        "data.source: 'synthetic' (run) vs 'x.jsonl' (now)", "data.eval_fraction: 0.1 (run) vs 0.2 (now)",
+        "ppo.rollout_batch_size: 64 (run) vs 32 (now)", "ppo.minibatch_size: 16 (run) vs 8 (now)"]
+    assert resume_mismatches(saved, new, "pm") == [
+        "seed: 0 (run) vs 3 (now)", "model.pm: '' (run) vs '/pm' (now)",
+        "data.source: 'synthetic' (run) vs 'x.jsonl' (now)", "data.eval_fraction: 0.1 (run) vs 0.2 (now)",
+        "pm.batch_size: 16 (run) vs 32 (now)"]
+    assert resume_mismatches(saved, new, "sft") == resume_mismatches(saved, new, "distill") == [
+        "seed: 0 (run) vs 3 (now)", "data.source: 'synthetic' (run) vs 'x.jsonl' (now)",
+        "data.eval_fraction: 0.1 (run) vs 0.2 (now)"]  # no PM in these stages
+    fields = set(flat_fields())
+    for section, keys in RESUME_FIELDS.items():  # every name is a real field (or section)
+        assert all(k in fields or (k.endswith(".*") and any(f.startswith(k[:-1]) for f in fields)) for k in keys)
+
+
+def test_keep_checkpoints_defaults_and_the_resume_flags_are_documented():
+    c = Config()
+    assert c.ppo.keep_checkpoints == c.pm.keep_checkpoints == c.distill.keep_checkpoints == c.sft.keep_checkpoints == 3
+    with pytest.raises(ConfigError, match="ppo.keep_checkpoints: -1 is out of range"):
+        load_config(None, {"ppo.keep_checkpoints": -1})
+    sub = next(a for a in build_parser()._actions if a.dest == "stage")
+    for stage in ("train-ppo", "train-pm", "distill", "sft"):
+        text = " ".join(sub.choices[stage].format_help().split())
+        assert "--allow-config-change" in text and "seed, batch sizes, models or data" in text
+        assert "--resume" in text and "newest checkpoint that verifies" in text

@@ -75,13 +75,13 @@ def test_a_pm_checkpoint_is_the_model_its_optimizer_and_the_position(tmp_path):
     a, opt_a = net()
     for i in range(3):
         step(a, opt_a, torch.full((2, 3), float(i)))
-        checkpoint(tmp_path, a, opt_a, {**fresh_position(), "global_step": i + 1}, rank=0)
-    # the newest two are kept; one folder per step, no pickles
+        checkpoint(tmp_path, a, opt_a, {**fresh_position(), "global_step": i + 1}, rank=0, keep=2)
+    # the newest `keep` are kept; one folder per step, no pickles
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
     folder, pos = resume_point(tmp_path)
     assert folder.name == "step-000003" and pos["global_step"] == 3
     assert sorted(p.name for p in folder.iterdir()) == [
-        "model.optimizer.json", "model.optimizer.safetensors", "model.safetensors", "state.json"]
+        "manifest.json", "model.optimizer.json", "model.optimizer.safetensors", "model.safetensors", "state.json"]
     b, opt_b = net()
     restore_checkpoint(folder, {"model": b}, {"model": opt_b})
     x = torch.randn(2, 3)

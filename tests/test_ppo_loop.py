@@ -40,6 +40,12 @@ def test_reward_rises_with_two_generators_and_two_learners(full_run):
     assert after > before + 0.1
     for name in ("policy", "critic"):
         assert (run_dir / name / "config.json").exists()
+    # weight_sync=auto broadcast the weights, and the run recorded where everything ran
+    assert all(r["sync_bytes"] > 0 for r in rows) and rows[0]["time_sync_connect"] > 0
+    assert all(r["time_sync_connect"] == 0 for r in rows[1:])  # one group for the whole run
+    [placement] = read_metrics(run_dir, "placement")
+    assert len(placement["generation"]) == 2 and len(placement["learners"]) == 2 and placement["pm"]["node_id"]
+    assert all(r["device"] == "cpu" for r in placement["learners"])
     assert (run_dir / "reward_vs_sqrt_kl.png").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
     # the final policy is a normal HF folder, which records the format it was trained in
@@ -96,6 +102,19 @@ def test_resume_gives_the_same_metrics(full_run, tiny_pm, tmp_path):
         assert g["reward_pm"] == pytest.approx(w["reward_pm"], abs=1e-5)
         assert g["tokens_generated"] == w["tokens_generated"]
         for k in ("kl", "policy_loss", "value_loss", "entropy"):
+            assert g[k] == pytest.approx(w[k], abs=1e-4), k
+
+
+def test_object_store_sync_gives_the_same_run(full_run, tiny_pm, tmp_path):
+    """The same weights, whichever way they travel: the object-store run samples and learns
+    exactly what the broadcast run did."""
+    train_ppo(tiny_config(**{"model.pm": tiny_pm, **LEARN, **SYSTEM, "ppo.iterations": 3,
+                             "generation.weight_sync": "object_store"}), tmp_path)
+    want, got = read_metrics(full_run[0], "ppo")[:3], read_metrics(tmp_path, "ppo")
+    assert "sync_bytes" not in got[0]
+    for w, g in zip(want, got):
+        assert g["tokens_generated"] == w["tokens_generated"]
+        for k in ("reward_pm", "kl", "policy_loss", "value_loss"):
             assert g[k] == pytest.approx(w[k], abs=1e-4), k
 
 

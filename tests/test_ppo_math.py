@@ -284,9 +284,74 @@ def test_estimator_registries_drive_the_config_choices():
     from hh_ray.estimators import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 
     assert CHOICES["ppo.kl_estimator"] == tuple(KL_ESTIMATORS) == ("k1", "k3")
-    assert CHOICES["ppo.advantage_estimator"] == tuple(ADVANTAGE_ESTIMATORS) == ("gae",)
+    assert CHOICES["ppo.advantage_estimator"] == tuple(ADVANTAGE_ESTIMATORS) == (
+        "gae", "grpo", "grpo_no_std", "rloo", "reinforce_pp")
     with pytest.raises(ConfigError, match="'k1', 'k3'"):
         load_config(None, {"ppo.kl_estimator": "k2"})
+
+
+# Two prompts x 2 samples; responses of 2, 1, 2, 1 tokens (column 0 is the prompt).
+GROUP_MASK = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 1, 0]])
+GROUPS = torch.tensor([0, 0, 1, 1])
+
+
+def _outcome_rewards(scores):
+    """Per-token rewards: each sample's outcome on its last response token, as ppo.rewards puts it."""
+    r = torch.zeros(4, 3)
+    for i, s in enumerate(scores):
+        r[i, int(GROUP_MASK[i].nonzero().max())] = s
+    return r
+
+
+def test_grpo_and_rloo_by_hand():
+    from hh_ray.estimators import ADVANTAGE_ESTIMATORS as E
+
+    r = _outcome_rewards([1.0, 3.0, 2.0, 2.0])
+    zeros = torch.zeros(4, 3)
+    # group 0: mean 2, std 1 -> -1, +1; group 1: equal rewards -> 0, 0
+    adv, _ = E["grpo"](r, zeros, GROUP_MASK, GROUPS)
+    assert torch.allclose(adv, torch.tensor([[0, -1, -1], [0, 1, 0], [0, 0, 0], [0, 0, 0]]).float(), atol=1e-5)
+    adv, _ = E["grpo_no_std"](_outcome_rewards([1.0, 5.0, 2.0, 4.0]), zeros, GROUP_MASK, GROUPS)
+    assert torch.allclose(adv, torch.tensor([[0, -2, -2], [0, 2, 0], [0, -1, -1], [0, 1, 0]]).float())
+    # leave-one-out with n = 2: R_i - R_other
+    adv, _ = E["rloo"](_outcome_rewards([1.0, 5.0, 2.0, 4.0]), zeros, GROUP_MASK, GROUPS)
+    assert torch.allclose(adv, torch.tensor([[0, -4, -4], [0, 4, 0], [0, -2, -2], [0, 2, 0]]).float())
+    # a sample alone in its group has nothing to compare with
+    adv, _ = E["rloo"](_outcome_rewards([1.0, 5.0, 2.0, 4.0]), zeros, GROUP_MASK, torch.tensor([0, 1, 2, 3]))
+    assert adv.abs().sum() == 0
+    # three samples: mean of the others
+    m3, g3 = torch.ones(3, 1), torch.zeros(3, dtype=torch.long)
+    adv, _ = E["rloo"](torch.tensor([[3.0], [6.0], [0.0]]), torch.zeros(3, 1), m3, g3)
+    assert torch.allclose(adv.squeeze(1), torch.tensor([3.0 - 3.0, 6.0 - 1.5, 0.0 - 4.5]))
+
+
+def test_reinforce_pp_returns_by_hand_and_make_experience_settings():
+    from hh_ray.estimators import ADVANTAGE_ESTIMATORS as E
+
+    # per-token rewards with a KL penalty on each response token, the outcome on the last
+    r = torch.tensor([[9.0, -0.1, 1.9], [9.0, 0.8, 0.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    ret, _ = E["reinforce_pp"](r, torch.zeros(2, 3), mask)
+    assert torch.allclose(ret, torch.tensor([[0.0, 1.8, 1.9], [0.0, 0.8, 0.0]]))
+    assert ret.shape == r.shape and E["reinforce_pp"].whiten and not E["grpo"].whiten
+    assert E["gae"].critic and not any(E[k].critic for k in ("grpo", "grpo_no_std", "rloo", "reinforce_pp"))
+
+    # make_experience: kl_in=loss leaves the KL out of the reward; grpo is not whitened again
+    logp = torch.tensor([[0.0, -1.0, -1.0], [0.0, -1.0, 0.0], [0.0, -2.0, -2.0], [0.0, -1.0, 0.0]])
+    ref = logp - 0.5 * GROUP_MASK
+    score = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    common = dict(kl_coef=0.1, advantage_estimator="grpo", groups=GROUPS)
+    in_reward = ppo.make_experience(score, logp, ref, torch.zeros(4, 3), GROUP_MASK, **common)
+    in_loss = ppo.make_experience(score, logp, ref, torch.zeros(4, 3), GROUP_MASK, kl_in="loss", **common)
+    assert torch.allclose(in_loss.reward_total, score) and torch.allclose(in_reward.reward_total,
+                                                                           score - 0.1 * 0.5 * GROUP_MASK.sum(1))
+    assert torch.allclose(in_loss.advantages[:, 1], torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(in_loss.kl_k1, in_reward.kl_k1)  # the logged KL does not depend on where it is paid
+    # the KL loss term is k3 of the current log-probs against pi0, differentiable
+    cur = logp.clone().requires_grad_()
+    loss = ppo.kl_loss(cur, ref, GROUP_MASK)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.expm1(-0.5) + 0.5, rel=1e-5) and cur.grad.abs().sum() > 0
 
 
 def test_tokens_before_stop_by_hand():

@@ -36,7 +36,14 @@ STAGES = {
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/); flags below override it")
     p.add_argument("--run-dir", help="run folder (default: runs/<stage>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its newest checkpoint that verifies (corrupt or "
+                        "incomplete newer ones are skipped, and said so); without it a folder that holds a run "
+                        "of the stage is refused")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume (train-pm, distill, sft, train-ppo): accept a config whose seed, batch "
+                        "sizes, models or data differ from the run's config.yaml (refused otherwise, as the "
+                        "checkpoint's position would mean something else)")
     defaults = Config()
     g = p.add_argument_group("config (section.field, default in brackets)")
     for name, f in flat_fields().items():
@@ -58,6 +65,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default="", help="Bearer key required on every route (default: $HH_RAY_API_KEY)")
     p.add_argument("--ood", default="", help="OOD detector folder (from `eval ood`): adds an OOD score to every response")
     p.add_argument("--ood-refuse", action="store_true", help="refuse prompts the OOD detector flags")
+    # Load limits (serve/load.py): defaults and help from LoadArgs; a flag left out keeps the default.
+    from serve.load import LoadArgs
+
+    g = p.add_argument_group("load limits")
+    for name, kind, extra in (("body_timeout_s", float, {}), ("generation_timeout_s", float, {}),
+                              ("max_ongoing_requests", int, {}), ("max_queued_requests", int, {}),
+                              ("queue_full_status", int, {"choices": [503, 429]}), ("retry_after_s", float, {}),
+                              ("health_check_period_s", float, {}), ("health_check_timeout_s", float, {})):
+        f = LoadArgs.model_fields[name]
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, metavar="V", **extra,
+                       help=f"{f.description} [{f.default}]".replace("%", "%%"))
+    g.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=None, metavar="NAME",
+                   help=LoadArgs.model_fields["allowed_hosts"].description + " Repeatable.")
 
 
 def _add_collect_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +152,27 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
     cfg = load_config(saved if args.resume and saved.exists() and not args.config else args.config, overrides)
     from hh_ray.tracking import default_run_dir
 
-    return cfg, Path(args.run_dir) if args.run_dir else default_run_dir(args.stage)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.stage)
+    # The stages that resume from checkpoints refuse a mixed or unusable run folder here, before Ray
+    # starts: a changed config (nothing written), a used folder without --resume (nothing written),
+    # --resume with no checkpoint that verifies (leftovers of killed saves cleaned first).
+    section = {"train-ppo": "ppo", "train-pm": "pm", "distill": "distill", "sft": "sft"}.get(args.stage)
+    if section and args.resume and saved.exists() and not args.allow_config_change:
+        from hh_ray.config import resume_mismatches
+
+        differ = resume_mismatches(load_config(saved), cfg, section)
+        if differ:
+            raise ConfigError(f"--resume: the config differs from the run's ({saved}) in {'; '.join(differ)}; "
+                              "pass --allow-config-change to resume anyway")
+    if section == "ppo":
+        from hh_ray.checkpoint import ppo_checkpoint_to_resume
+
+        ppo_checkpoint_to_resume(run_dir, args.resume)
+    elif section:
+        from learners.group import checkpoint_to_resume
+
+        checkpoint_to_resume(run_dir, args.resume)
+    return cfg, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,11 +239,15 @@ def run_serve(cfg: Config, run_dir: Path, args) -> int:
     from serve.app import run_forever
 
     g = cfg.generation
+    limits = {k: getattr(args, k) for k in ("body_timeout_s", "generation_timeout_s", "max_ongoing_requests",
+                                            "max_queued_requests", "queue_full_status", "retry_after_s",
+                                            "health_check_period_s", "health_check_timeout_s", "allowed_hosts")
+              if getattr(args, k) is not None}
     return run_forever(dict(policy=args.policy, pm=args.pm, best_of_n=args.best_of_n, replicas=args.replicas,
                             api_key=args.api_key, ood=args.ood, ood_refuse=args.ood_refuse,
                             cpus_per_replica=g.cpus_per_worker, kv_cache_gib=g.kv_cache_gib,
                             default_max_tokens=g.max_new_tokens, pm_max_len=cfg.model.max_seq_len, seed=cfg.seed,
-                            conversation_format=cfg.model.conversation_format),
+                            conversation_format=cfg.model.conversation_format, **limits),
                        host=args.host, port=args.port)
 
 

@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 from actors.rollout_queue import RolloutQueue
-from hh_ray.checkpoint import PPO_CHECKPOINTS, latest_checkpoint, read_state
+from hh_ray.checkpoint import (PPO_CHECKPOINTS, clean_leftovers, complete_checkpoints, no_checkpoint_error,
+                               prune_checkpoints, read_state, resume_checkpoint, step_folders)
 from hh_ray.config import Config, ConfigError, with_value
 from hh_ray.conversation import model_format, read_format
+from hh_ray.estimators import needs_critic
 from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenizer, resolve_model
 from hh_ray.orchestration.rollouts import Prefetch, RolloutProducer, WeightsLost
 from hh_ray.prompt_stream import PromptStream, load_prompts
@@ -34,6 +36,7 @@ from hh_ray.reward_kl import plot_reward_vs_sqrt_kl
 from hh_ray.runtime import resolve_autocast
 from hh_ray.tracking import Tracker, read_metrics
 from learners.ppo_learner import LearnerGroupRestarted, LearnerPaths, PPOLearnerGroup
+from learners.transport import LearnerError
 
 # ---------------------------------------------------------------- checks before any actor starts
 
@@ -63,7 +66,7 @@ def check_config(cfg: Config, policy: str, pm: str) -> str:
         raise ConfigError(f"model.pm: {pm} was trained on conversations in the {pm_fmt!r} format, but the policy "
                           f"({policy}) uses {fmt!r}; train the PM in the policy's format "
                           f"(model.conversation_format={fmt})")
-    if cfg.ppo.critic_init == "pm":
+    if cfg.ppo.critic_init == "pm" and needs_critic(cfg.ppo.advantage_estimator):
         pol, pmv = load_tokenizer(policy).get_vocab(), load_pm_tokenizer(pm).get_vocab()
         differ = [t for t, i in pol.items() if pmv.get(t) != i]
         if differ:
@@ -94,12 +97,23 @@ class RLHFController:
         autocast, why = resolve_autocast(cfg.ppo.autocast, cfg.model.cache_dir)
         print(f"ppo.autocast={autocast} ({why})", flush=True)
         self.cfg = cfg = with_value(cfg, "ppo.autocast", autocast)
+        # auto: broadcast, which every engine takes; the object store if its group cannot form.
+        self.auto_sync = cfg.generation.weight_sync == "auto"
+        self.cfg = cfg = with_value(cfg, "generation.weight_sync", "broadcast" if self.auto_sync
+                                    else cfg.generation.weight_sync)
         self.tokenizer = load_tokenizer(self.policy_path)
         train_prompts, self.eval_prompts = load_prompts(cfg, self.tokenizer, cfg.model.conversation_format)
         self.checkpoints = self.run_dir / PPO_CHECKPOINTS
-        ckpt = latest_checkpoint(self.checkpoints) if resume else None
+        if not resume and complete_checkpoints(self.checkpoints):  # a roll-back would restore the other run's
+            raise ValueError(f"{self.run_dir} already holds PPO checkpoints: pass --resume to continue it, "
+                             "or another --run-dir")
+        clean_leftovers(self.checkpoints, recover=resume)
+        ckpt = resume_checkpoint(self.checkpoints) if resume else None  # the newest that verifies
         if resume and ckpt is None:
+            if step_folders(self.checkpoints):  # saved, but none verifies
+                raise no_checkpoint_error(self.checkpoints)
             print(f"no checkpoint in {self.checkpoints}: starting from iteration 0")
+        self.resumed_from = ckpt
         self.initial_state = {"iteration": 0, "policy_version": 0, "prompt_position": 0, "seed": cfg.seed,
                               "restarts": {"generation": 0, "pm": 0, "learner": 0}}
         self.state = read_state(ckpt) if ckpt else dict(self.initial_state)
@@ -116,12 +130,14 @@ class RLHFController:
         critic = self.pm_path if cfg.ppo.critic_init == "pm" else self.policy_path
         self.learners = PPOLearnerGroup(cfg, LearnerPaths(self.policy_path, critic, str(ckpt) if ckpt else None),
                                         self.run_dir, self.queue)
+        self.rollouts.fetch_weights = self.learners.publish
         initial = self.learners.take_initial_weights()[0]
         if ckpt:  # generators start from the initial policy; bring them to the checkpoint's version
             self.rollouts.sync_weights(self.state["policy_version"], initial)
         del initial
         print(f"actors ready in {time.time() - t0:.1f}s: {cfg.generation.num_workers} generation worker(s), "
-              f"PM service, {cfg.ppo.num_learners} learner(s)", flush=True)
+              f"PM service, {cfg.ppo.num_learners} learner(s); weight sync: {cfg.generation.weight_sync}", flush=True)
+        self.log_placement()
 
     def _phase(self, name: str, iteration: int) -> None:
         if self.on_phase is not None:
@@ -157,12 +173,12 @@ class RLHFController:
         self.rollouts.drop_weights()
         self._phase("learn", i)
         t0 = time.time()
-        weights, learned, sample_kl = self.learners.train(batch_ref, i)  # make experience (KL, reward, GAE) + PPO update
+        learned, sample_kl = self.learners.train(batch_ref, i)  # make experience (KL, reward, GAE) + PPO update
         t1 = time.time()
         self._phase("sync", i)
-        self.sync_weights(i + 1, weights[0])         # version i+1 to every generator
-        del weights  # the producer holds them now, for reviving a generator
-        self.state.update(iteration=i + 1, policy_version=i + 1, prompt_position=(i + 1) * self.cfg.ppo.rollout_batch_size)
+        learned.update(self.sync_weights(i + 1))     # version i+1 to every generator
+        prompts = self.cfg.ppo.rollout_batch_size // self.cfg.generation.samples_per_prompt
+        self.state.update(iteration=i + 1, policy_version=i + 1, prompt_position=(i + 1) * prompts)
         samples = [{**s, "kl": kl} for s, kl in zip(produced.pop("logged_samples"), sample_kl)]
         row = self.log(i + 1, produced, learned, {"time_learn": t1 - t0, "time_sync": time.time() - t1,
                                                   "time_iteration": time.time() - t_iter})
@@ -192,21 +208,45 @@ class RLHFController:
 
     # ---- weights, checkpoints and the learner group's restarts
 
-    def sync_weights(self, version: int, weights_ref) -> None:
+    def sync_weights(self, version: int) -> dict:
+        """The learners' policy, as `version`, into every generator; returns the sync's metrics."""
+        if self.cfg.generation.weight_sync == "broadcast":
+            try:
+                report = self.rollouts.sync_weights(version, send=lambda workers: self.learners.broadcast(version, workers))
+                return {"sync_bytes": report["bytes"], "time_sync_connect": report["time_connect"]}
+            except LearnerError as e:
+                if not (self.auto_sync and "could not join the weight group" in str(e)):
+                    raise
+                print(f"weight_sync=auto: the broadcast group could not form ({e}); using the object store",
+                      flush=True)
+                self.cfg = with_value(self.cfg, "generation.weight_sync", "object_store")
+                self.tracker.log(version - 1, {"what": "weight_sync_fallback", "error": str(e)[:500]}, stage="ppo_fault")
         try:
-            self.rollouts.sync_weights(version, weights_ref)
+            self.rollouts.sync_weights(version, self.learners.publish()[0])
         except WeightsLost as e:  # the learner group died after publishing them
             print(f"{e}; waiting for the learner group to restart", flush=True)
             raise self.learners.wait_restarted() from e
+        return {}
+
+    def log_placement(self) -> None:
+        """Where every part of the run landed: a `placement` row in metrics.jsonl and the log."""
+        where = {**self.rollouts.placement(), "learners": self.learners.placement}
+        self.tracker.log(self.state["iteration"], where, stage="placement")
+        short = lambda node: node[:8]  # noqa: E731
+        print("placement: generation " + ", ".join(short(g["node_id"]) for g in where["generation"])
+              + f"; PM service {short(where['pm']['node_id'])}; learners "
+              + ", ".join(f"{short(r['node_id'])} ({r['device']})" for r in where["learners"]), flush=True)
 
     def checkpoint(self) -> None:
         self.learners.checkpoint(self.checkpoints, self.state["iteration"], dict(self.state))
+        # The newest ppo.keep_checkpoints stay, and the one resumed from: a restarted group reloads it first.
+        prune_checkpoints(self.checkpoints, self.cfg.ppo.keep_checkpoints, protect=self.resumed_from)
 
     def roll_back(self, restarted: LearnerGroupRestarted) -> None:
         """The learner group restarted from scratch: restore the last checkpoint (or the run's
         start) in it, in the controller and in the generators."""
         self.prefetch.discard()
-        ckpt = latest_checkpoint(self.checkpoints)
+        ckpt = resume_checkpoint(self.checkpoints)  # the newest that verifies
         restarts = self.state["restarts"]
         restarts["learner"] += 1
         if ckpt is not None:

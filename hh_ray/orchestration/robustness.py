@@ -112,8 +112,10 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
         print(f"robustness: PPO against the train PM, checkpoint every {cfg.ppo.checkpoint_every} iterations",
               flush=True)
         # PPO draws its prompts from all training comparisons, never from the held-out ones scored below.
-        train_ppo(_on_data(cfg, _data_folder(folder / "data" / "ppo", train, held_out), **{"model.pm": pms["train_pm"]}),
-                  ppo_dir)
+        # Every checkpoint is scored below, so none is pruned; a run cut short continues.
+        train_ppo(_on_data(cfg, _data_folder(folder / "data" / "ppo", train, held_out),
+                           **{"model.pm": pms["train_pm"], "ppo.keep_checkpoints": 0}),
+                  ppo_dir, resume=bool(complete_checkpoints(ppo_dir / PPO_CHECKPOINTS)))
     ppo_rows = read_metrics(ppo_dir, "ppo", last_per_step=True)
     checkpoints = [(0, None)] + policy_checkpoints(ppo_dir)
     prompts = list(dict.fromkeys(c.prompt for c in held_out))[: args.num_prompts]

@@ -18,20 +18,21 @@ import torch
 from actors.generation import GenerationPool
 from actors.pm_service import start_pm_scorer
 from actors.rollout_queue import RolloutQueue
-from hh_ray.config import Config
+from hh_ray.config import Config, parse_resources
 from hh_ray.conversation import render_prompt
 from hh_ray.prompt_stream import PromptStream
 from hh_ray.rollout import drop_nonfinite
-from hh_ray.runtime import derive_seed
+from hh_ray.runtime import derive_seed, gpus_for
+from learners.transport import LearnerError, LearnerGroupRestarted
 
 
-def sample_rows(batch, n: int, stride: int) -> list[dict]:
-    """n rollouts of a scored batch as rows for samples.jsonl: rows 0, stride, 2·stride, …, the
-    first rows of learner rank 0's shard, which adds their KL. `reward` is the PM score less the
-    truncation penalty, if any: what PPO maximises."""
+def sample_rows(batch, n: int, learners: int) -> list[dict]:
+    """n rollouts of a scored batch as rows for samples.jsonl: the first rows of learner rank 0's
+    shard, which adds their KL. `reward` is the PM score less the truncation penalty, if any:
+    what PPO maximises."""
     return [{"index": i, "prompt": batch.prompts[i], "response": batch.responses[i],
              "finish_reason": batch.finish_reasons[i], "reward": float(batch.pm_score[i]),
-             "policy_version": int(batch.policy_version[i])} for i in range(0, len(batch), stride)[:n]]
+             "policy_version": int(batch.policy_version[i])} for i in batch.shard_rows(0, learners)[:n]]
 
 
 class WeightsLost(RuntimeError):
@@ -51,20 +52,32 @@ class RolloutProducer:
                                    conversation_format=conversation_format)
         self.scorer = self._start_scorer()
         # The version the generators hold and its weights, so a revived generator can load
-        # them (version 0: a fresh generator's own; None: let go to save memory, see drop_weights).
+        # them (version 0: a fresh generator's own; None: not held, see drop_weights; a
+        # broadcast sync holds none). `fetch_weights() -> ObjectRef` asks the learners for
+        # them again (the controller sets it; from the main thread only: the learners take
+        # one command at a time).
         self.weights: tuple[int, object] = (0, None)
+        self.fetch_weights = None
         self._lock = threading.Lock()  # weight sync vs. reviving a generator from the prefetch thread
 
     def _start_scorer(self):
         c = self.cfg
+        gpus = gpus_for(c.ppo.pm_service_gpus, ray.cluster_resources().get("GPU", 0), 1)
         return start_pm_scorer(self.pm_path, c.model.max_seq_len, c.model.dtype, num_cpus=c.ppo.pm_service_cpus,
+                               num_gpus=gpus, resources=parse_resources(c.ppo.pm_service_resources, "ppo.pm_service_resources"),
                                autocast=c.ppo.autocast, conversation_format=self.format)
+
+    def placement(self) -> dict:
+        """Node (and GPUs) of every generation worker and of the PM service."""
+        return {"generation": [{k: i[k] for k in ("node_id", "gpus", "pid")} for i in self.pool.infos()],
+                "pm": ray.get(self.scorer.placement.remote())}
 
     # ---- one batch
 
-    def produce(self, iteration: int, on_phase=None) -> dict:
+    def produce(self, iteration: int, on_phase=None, may_fetch: bool = True) -> dict:
         """Produce batch `iteration` into the queue; a generation worker or the PM service
-        that dies meanwhile is replaced and the batch produced again (same seeds)."""
+        that dies meanwhile is replaced and the batch produced again (same seeds).
+        `may_fetch`: the learners are idle, so weights for a revived generator may be fetched."""
         revived = {"generation": 0, "pm": 0}
         for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
             try:
@@ -72,19 +85,25 @@ class RolloutProducer:
                         "restarts_generation": revived["generation"], "restarts_pm": revived["pm"]}
             except ray.exceptions.RayActorError as e:
                 version, ref = self.weights
+                if ref is None and version and may_fetch and self.fetch_weights is not None:
+                    self.weights = version, ref = version, self.fetch_weights()[0]
                 if attempt == self.cfg.ppo.max_actor_restarts or (ref is None and version):
                     raise  # no weights to revive a generator with while the learners train: Prefetch redoes it
                 for k, v in self.revive(e).items():
                     revived[k] += v
 
     def _produce(self, iteration: int, on_phase) -> dict:
-        n, g = self.cfg.ppo.rollout_batch_size, self.cfg.generation
+        g = self.cfg.generation
+        n = self.cfg.ppo.rollout_batch_size // g.samples_per_prompt  # prompts; each answered samples_per_prompt times
         prompts = self.stream.take(iteration * n, n)
         ids = self.prompt_ids(prompts)
         on_phase("generate", iteration)
         t0 = time.time()
         batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
-                                   seed=derive_seed(self.cfg.seed, "rollouts", iteration) % 2**31)
+                                   seed=derive_seed(self.cfg.seed, "rollouts", iteration) % 2**31,
+                                   n=g.samples_per_prompt)
+        if g.samples_per_prompt > 1:
+            batch.group = torch.arange(n).repeat_interleave(g.samples_per_prompt)
         t1 = time.time()
         on_phase("score", iteration)
         scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
@@ -92,7 +111,7 @@ class RolloutProducer:
         # The reward the policy gets: the PM score, less the optional penalty for a response cut
         # at the token cap (ppo.truncation_penalty) so that ending the turn pays.
         batch.pm_score = scores - self.cfg.ppo.truncation_penalty * (~batch.ended).float()
-        batch, dropped = drop_nonfinite(batch)
+        batch, dropped = drop_nonfinite(batch, self.cfg.ppo.num_learners)  # equal learner shards
         self.queue.put(ray.put(batch))
         kept = torch.isfinite(scores)
         return {"time_generate": t1 - t0, "time_score": t2 - t1, "dropped_nonfinite": dropped,
@@ -136,20 +155,33 @@ class RolloutProducer:
               flush=True)
         return {"generation": gen, "pm": pm}
 
-    def sync_weights(self, version: int, weights_ref) -> None:
-        """Every generator loads `weights_ref` and holds `version`; a dead one is replaced."""
+    def sync_weights(self, version: int, weights_ref=None, send=None) -> dict:
+        """Every generator holds `version` after: it loads `weights_ref` (object store), or
+        `send(workers)` broadcasts it into them (the learners' `broadcast`). A generator that
+        died is replaced (a fresh engine, which the retried broadcast brings to `version`).
+        Returns what `send` reported."""
         with self._lock:
             self.weights = (version, weights_ref)
             for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
                 try:
-                    self.pool.update_weights(version, weights_ref)  # waits for an in-flight generation
-                    return
+                    if send is None:
+                        self.pool.update_weights(version, weights_ref)  # waits for an in-flight generation
+                        return {}
+                    report = send(self.pool.workers)
+                    self.pool.check_versions(version, report["versions"])
+                    return report
                 except ray.exceptions.ObjectLostError as e:
                     raise WeightsLost(f"policy version {version} was lost with the learner that published it") from e
-                except ray.exceptions.RayActorError:
-                    if attempt == self.cfg.ppo.max_actor_restarts:
+                except (ray.exceptions.RayActorError, LearnerError) as e:
+                    if isinstance(e, LearnerGroupRestarted) or attempt == self.cfg.ppo.max_actor_restarts:
                         raise
-                    self.restarts["generation"] += self.pool.revive(*self.weights)
+                    # a broadcast's generators start fresh, then take the retried broadcast
+                    replaced = self.pool.revive(*(self.weights if send is None else (0, None)))
+                    if not replaced:
+                        raise  # no generator died: not ours to absorb
+                    self.restarts["generation"] += replaced
+                    print(f"generation worker died during the weight sync to version {version}: replaced "
+                          f"{replaced}, syncing again", flush=True)
 
     def drop_weights(self) -> None:
         """Let the generators' current weights go while the learners train, so the object
@@ -193,8 +225,8 @@ class Prefetch:
             return self.producer.produce(iteration, self.on_phase)
 
     def start(self, iteration: int, last: int) -> None:
-        if self.enabled and iteration < last:
-            self.pending = (iteration, self.executor.submit(self.producer.produce, iteration, self.on_phase))
+        if self.enabled and iteration < last:  # while the learners train: no weights may be fetched from them
+            self.pending = (iteration, self.executor.submit(self.producer.produce, iteration, self.on_phase, False))
 
     def discard(self, pending=None) -> None:
         """Let a batch being made finish (or fail); a roll-back drains it from the queue."""
