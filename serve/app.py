@@ -8,18 +8,28 @@ Start it with `hh-ray serve --policy DIR ...`, or with Ray Serve's own tools:
 
 One replica = one in-process vLLM engine (on CPU the multiprocess engine
 pins cores and sits outside Ray's CPU accounting; docs/architecture.md).
-`LLM.generate` is synchronous, so concurrent requests are gathered by
-`@serve.batch` and run as one vLLM batch in a worker thread (measured: 4
-concurrent requests 14.5 s serialised, ~4.5 s batched); the event loop stays
-free for /healthz and for validating the next requests meanwhile.
+The engine is stepped by one thread of its own (`serve.load.EngineLoop`):
+concurrent requests join the running batch between two steps (measured,
+SmolLM2-135M on 2 CPUs, 64 tokens: one client p50 4.8 s, four concurrent
+clients p50 6.2 s for 3x the answers per second), and the event loop stays
+free for /healthz and for validating the next requests.
+
+Under load and faults (serve/load.py): a body not received within
+`body_timeout_s` gets 408; a response not ready within `generation_timeout_s`
+gets 504 and the engine drops the request; past `max_ongoing_requests` per
+replica and `max_queued_requests` waiting, Serve refuses at once with 503 (or
+429) and Retry-After; a replica whose engine or PM actor died fails its
+health check and is replaced. With no API key, requests whose Host header is
+not the bound host are refused (421), against DNS rebinding, and so are those
+from a foreign web Origin (403).
 
 Best-of-n: one vLLM request samples n x best_of candidates (the prompt's KV
 is shared); the PM scoring actor (actors/pm_service.py, owned by the replica)
 scores them as HH transcripts, and each choice is the best of its group.
 
 Streaming is the OpenAI SSE protocol, but the engine is the batch
-`LLM.generate`: the role chunk goes out at once and the text when the
-batch finishes, not token by token.
+engine's final output: the role chunk goes out at once and the text when the
+response is complete, not token by token.
 """
 
 from __future__ import annotations
@@ -33,21 +43,24 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.vllm_engine import make_replica_llm
 from hh_ray.conversation import model_format, pm_format
 from hh_ray.runtime import worker_env
+from serve.load import (EngineDead, EngineLoop, LoadArgs, allowed_host_names, check_host, engine_unavailable,
+                        generation_timeout, read_body)
 from serve.openai_protocol import (APIError, ChatRequest, Limits, chunk_body, completion_body, completion_id,
                                    error_body, hh_prompt, parse_chat_request, policy_prompt, sse)
 
 API_KEY_ENV = "HH_RAY_API_KEY"
 
 
-class ServeArgs(BaseModel):
-    """Arguments of `build_app` (and of `hh-ray serve`); unknown names are refused."""
+class ServeArgs(LoadArgs):
+    """Arguments of `build_app` (and of `hh-ray serve`); unknown names are refused. The load
+    limits (timeouts, queue, health check, Host check) are LoadArgs' (serve/load.py)."""
     model_config = ConfigDict(extra="forbid")
 
     policy: str = Field(description="Policy: HF folder, hub name, 'tiny' or 'smollm2'.")
@@ -67,8 +80,9 @@ class ServeArgs(BaseModel):
     max_n: int = Field(8, ge=1, description="Largest n a request may ask for.")
     max_best_of: int = Field(16, ge=1, description="Largest best_of (extension field) a request may ask for.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes.")
-    max_batch_size: int = Field(32, ge=1, description="Requests per vLLM batch (@serve.batch).")
-    batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits to fill.")
+    max_batch_size: int = Field(32, ge=1, description="Requests in the engine at once (more wait in the replica).")
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long an idle engine waits for more requests to "
+                                                         "start with.")
     seed: int = Field(0, description="Engine seed.")
     conversation_format: str = Field("auto", description="'hh', 'chat' or 'auto'; the policy folder's recorded "
                                                          "format wins, and a contradicting one is refused.")
@@ -89,7 +103,7 @@ def api_app(title: str) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):  # unknown path, wrong method
@@ -118,36 +132,41 @@ def check_api_key(request: Request, api_key: str) -> None:
                        code="invalid_api_key")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes the limit (even without a Content-Length)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-    raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-    return bytes(raw)
+async def pm_alive(pm, timeout_s: float) -> None:
+    """Raise unless the PM actor answers within timeout_s (a health check)."""
+    async def ping():
+        await pm.__ray_ready__.remote()
+
+    try:
+        await asyncio.wait_for(ping(), timeout_s)
+    except Exception as e:  # noqa: BLE001 - dead (RayActorError) or hung (TimeoutError): either fails the check
+        raise RuntimeError(f"the PM actor does not answer: {type(e).__name__}: {e}") from None
+
+
+def check_engine(engine: EngineLoop, stall_s: float) -> None:
+    """Raise if the engine loop has died or had work without finishing a step for stall_s."""
+    engine.check()
+    if (stalled := engine.stalled_for()) > stall_s:
+        raise RuntimeError(f"the engine has had work and made no step for {stalled:.0f} s")
 
 
 api = api_app("hh-ray")
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
+@serve.deployment  # the limits are set by build_app (LoadArgs.deployment_options)
 @serve.ingress(api)
 class ChatServer:
     def __init__(self, args: dict):
         a = ServeArgs(**args)
         self.args, self.limits = a, a.limits()
         self.api_key = a.api_key
+        self.allowed_hosts = allowed_host_names(a.host, a.allowed_hosts)
         self.model_name = a.model_name or Path(a.policy).name
         self.format = a.conversation_format  # resolved by build_app: the format the policy was trained in
         self.llm = make_replica_llm(a.policy, a.cpus_per_replica, a.kv_cache_gib, a.max_model_len or None, a.seed)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self._generate.set_max_batch_size(a.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(a.batch_wait_ms / 1000)
+        self.engine = EngineLoop(self.llm, a.max_batch_size, a.batch_wait_ms / 1000, name="hh-ray-engine")
         self.pm = None
         if a.pm:
             from actors.pm_service import start_pm_scorer
@@ -169,14 +188,25 @@ class ChatServer:
 
         self.tokens_counter = metrics.Counter("hh_ray_completion_tokens", "Tokens generated (all candidates).")
         self.flagged_counter = metrics.Counter("hh_ray_ood_flagged", "Prompts the OOD detector flagged.")
+        if self.pm is not None:  # ready only with its PM (started meanwhile): the health check pings it
+            import ray
+
+            ray.get(self.pm.__ray_ready__.remote())
 
     # ------------------------------------------------------------ helpers
 
     def _authorize(self, request: Request) -> None:
+        check_host(request.headers, self.api_key, self.allowed_hosts)
         check_api_key(request, self.api_key)
 
     async def _read_body(self, request: Request) -> bytes:
-        return await read_body(request, self.limits.max_request_bytes)
+        return await read_body(request, self.limits.max_request_bytes, self.args.body_timeout_s)
+
+    async def check_health(self):
+        """Serve's health check: a failure makes Serve replace this replica (and its PM actor)."""
+        check_engine(self.engine, stall_s=max(60.0, self.args.generation_timeout_s))
+        if self.pm is not None:
+            await pm_alive(self.pm, self.args.health_check_timeout_s / 2)
 
     def _sampling(self, req: ChatRequest, best_of: int, default_stop: list[str], stop_ids: list[int], prompt_len: int):
         from actors.vllm_engine import sampling_params
@@ -190,12 +220,6 @@ class ChatServer:
                                seed=req.seed, logprobs=False, n=req.n * best_of, stop=req.stop + default_stop,
                                stop_token_ids=stop_ids,
                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _generate(self, jobs: list[tuple[list[int], object]]) -> list:
-        # One vLLM batch for everything that arrived together; in a thread so the loop keeps serving.
-        return await asyncio.to_thread(self.llm.generate, [{"prompt_token_ids": ids} for ids, _ in jobs],
-                                       [p for _, p in jobs], use_tqdm=False)
 
     def _ood_score(self, text: str) -> float:
         from hh_ray.ood import last_prompt_token_activations
@@ -219,7 +243,18 @@ class ChatServer:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         params = self._sampling(req, best_of, default_stop, stop_ids, len(ids))
         # The HH transcript is what the PM and the OOD detector were fitted on.
-        return dict(req=req, ids=ids, params=params, best_of=best_of, hh=hh_prompt(req.messages))
+        return dict(req=req, ids=ids, params=params, best_of=best_of, hh=hh_prompt(req.messages),
+                    deadline=time.monotonic() + self.args.generation_timeout_s)
+
+    async def _complete_in_time(self, job: dict) -> tuple[list[dict], dict, dict]:
+        """`_complete` within the request's deadline: 504 past it, 503 if the engine has died."""
+        try:
+            async with asyncio.timeout(job["deadline"] - time.monotonic()):
+                return await self._complete(job)
+        except TimeoutError:
+            raise generation_timeout(self.args.generation_timeout_s) from None
+        except EngineDead as e:
+            raise engine_unavailable(e, self.args.retry_after_s) from None
 
     async def _complete(self, job: dict) -> tuple[list[dict], dict, dict]:
         """(choices [{"text", "finish_reason"}], usage, extension) for a prepared request."""
@@ -234,7 +269,7 @@ class ChatServer:
                 usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
                 return [{"text": "", "finish_reason": "content_filter"}] * req.n, usage, extension
             ood_task = None
-        out = await self._generate((ids, params))
+        out = await self.engine.generate(ids, params, job["deadline"])
         cands = out.outputs
         n_tokens = sum(len(c.token_ids) for c in cands)
         self.tokens_counter.inc(n_tokens)
@@ -268,7 +303,7 @@ class ChatServer:
         for i in range(req.n):  # at once: the client sees the response start before the batch runs
             yield sse(chunk_body(cid, created, self.model_name, i, {"role": "assistant", "content": ""}))
         try:
-            choices, usage, extension = await self._complete(job)
+            choices, usage, extension = await self._complete_in_time(job)
         except APIError as e:  # after the 200 header, an error travels as an SSE event
             yield sse(e.body())
             yield sse("[DONE]")
@@ -296,7 +331,7 @@ class ChatServer:
         job = self._prepare(parse_chat_request(await self._read_body(request), self.limits))
         if job["req"].stream:
             return StreamingResponse(self._stream(job, completion_id()), media_type="text/event-stream")
-        choices, usage, extension = await self._complete(job)
+        choices, usage, extension = await self._complete_in_time(job)
         return completion_body(completion_id(), self.model_name, choices, usage, extension)
 
     @api.get("/v1/models")
@@ -310,6 +345,7 @@ class ChatServer:
         self._authorize(request)
         return {"status": "ok", "model": self.model_name, "best_of_n": self.args.best_of_n,
                 "pm": self.pm is not None, "ood": self.ood is not None, "conversation_format": self.format,
+                "engine": self.engine.stats(),
                 "replica": serve.get_replica_context().replica_id.unique_id}  # which replica answered
 
 
@@ -329,7 +365,7 @@ def build_app(args: dict) -> serve.Application:
             raise ValueError(f"{name}: {path} does not exist")
     a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
     # OMP threads follow num_cpus; the PM scorer the replica starts asks for one more CPU.
-    return ChatServer.options(num_replicas=a.replicas,
+    return ChatServer.options(num_replicas=a.replicas, **a.deployment_options(),
                               ray_actor_options={"num_cpus": a.cpus_per_replica,
                                                  "runtime_env": {"env_vars": worker_env()}}).bind(a.model_dump())
 
@@ -362,6 +398,7 @@ def deploy(app: serve.Application, host: str, port: int, name: str):
 def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "hh-ray",
           require_key_off_loopback: bool = True):
     """Start Serve's HTTP proxy on host:port and deploy the app; returns its handle."""
+    args = {**args, "host": host}  # the replicas answer for the host bound here (the Host check)
     a = ServeArgs(**args)
     if require_key_off_loopback:
         check_bind(host, a.api_key)

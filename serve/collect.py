@@ -11,6 +11,12 @@ one in-process vLLM engine each), or two samples of one snapshot. Which
 snapshot is shown as "1" is drawn at random per turn, so position bias
 cannot favour a snapshot; the store records which snapshot wrote each.
 
+Each snapshot's engine is stepped by an `EngineLoop` (serve/load.py), and the
+page has the assistant's limits: body and generation deadlines (408 / 504), a
+bounded queue (503 or 429 with Retry-After), a health check on the engines,
+and, with no API key, the Host check against DNS rebinding (421) and the
+Origin check against cross-site posts (403).
+
 Routes (all but the page itself need the API key when one is set; the page
 asks for it and sends it as a Bearer header):
     GET  /              the page (serve/static/collect.html)
@@ -26,27 +32,30 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import threading
+import time
 from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 
 from hh_ray.comparisons import AlreadyLabeled, ComparisonStore, StoreError, TextTooLong, UnknownPair
 from actors.vllm_engine import make_replica_llm
 from hh_ray.runtime import worker_env
-from serve.app import (API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, deploy, read_body,
+from serve.app import (API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, check_engine, deploy,
                        serving_format)
+from serve.load import (EngineDead, EngineLoop, LoadArgs, allowed_host_names, check_host, engine_unavailable,
+                        generation_timeout, read_body)
 from serve.openai_protocol import APIError, hh_prompt, parse_json_object, policy_prompt
 
 PAGE = Path(__file__).parent / "static" / "collect.html"
 PAGE_LABELER_PREFIX = "page:"  # machine labelers write "rule:..." / "pm:..."
 
 
-class CollectArgs(BaseModel):
-    """Arguments of `build_collect_app` (and of `hh-ray collect`); unknown names are refused."""
+class CollectArgs(LoadArgs):
+    """Arguments of `build_collect_app` (and of `hh-ray collect`); unknown names are refused. The
+    load limits (timeouts, queue, health check, Host check) are LoadArgs' (serve/load.py)."""
     model_config = ConfigDict(extra="forbid")
 
     policy: str = Field(description="Snapshot A: HF folder, hub name, 'tiny' or 'smollm2'.")
@@ -65,6 +74,7 @@ class CollectArgs(BaseModel):
     seed: int = Field(0, description="Engine seed.")
     conversation_format: str = Field("auto", description="'hh', 'chat' or 'auto'; the snapshots' recorded format "
                                                          "wins, and both snapshots must share one.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests the replica holds at once.")
 
 
 # ---------------------------------------------------------------- request checks (pure)
@@ -111,27 +121,38 @@ def hh_response(text: str) -> str:
 collect_api = api_app("hh-ray collect")
 
 
-@serve.deployment(max_ongoing_requests=32, health_check_period_s=10, health_check_timeout_s=60)
+@serve.deployment  # the limits are set by build_collect_app (LoadArgs.deployment_options)
 @serve.ingress(collect_api)
 class CollectServer:
     def __init__(self, args: dict):
         a = CollectArgs(**args)
         self.args = a
         paths = [a.policy] + ([a.policy_b] if a.policy_b else [])
-        # An engine is not thread-safe: one lock each; requests for different engines run side by side.
-        self.engines = [(make_replica_llm(p, a.cpus_per_replica, a.kv_cache_gib, a.max_model_len or None, a.seed + k),
-                         threading.Lock()) for k, p in enumerate(paths)]
+        # One loop (thread) per engine: requests for different engines run side by side.
+        llms = [make_replica_llm(p, a.cpus_per_replica, a.kv_cache_gib, a.max_model_len or None, a.seed + k)
+                for k, p in enumerate(paths)]
+        self.engines = [EngineLoop(llm, name=f"collect-engine-{k}") for k, llm in enumerate(llms)]
+        self.allowed_hosts = allowed_host_names(a.host, a.allowed_hosts)
         self.snapshots = paths
-        self.tokenizer = self.engines[0][0].get_tokenizer()
-        self.max_model_len = self.engines[0][0].llm_engine.model_config.max_model_len
+        self.tokenizer = llms[0].get_tokenizer()
+        self.max_model_len = llms[0].llm_engine.model_config.max_model_len
         self.store = ComparisonStore(a.db, max_text_chars=a.max_text_chars)
         self.page = PAGE.read_text()
         self.rng = random.Random(a.seed)
 
-    def _sample(self, engine: int, ids: list[int], n: int, stop: tuple[list[str], list[int]]) -> list[str]:
+    def _check(self, request: Request) -> None:
+        check_host(request.headers, self.args.api_key, self.allowed_hosts)
+        check_api_key(request, self.args.api_key)
+
+    async def check_health(self):
+        """Serve's health check: a failure makes Serve replace this replica."""
+        for engine in self.engines:
+            check_engine(engine, stall_s=max(60.0, self.args.generation_timeout_s))
+
+    async def _sample(self, engine: int, ids: list[int], n: int, stop: tuple[list[str], list[int]],
+                      deadline: float) -> list[str]:
         from actors.vllm_engine import sampling_params
 
-        llm, lock = self.engines[engine]
         room = self.max_model_len - len(ids)
         if room < 1:
             raise APIError(400, f"the conversation takes {len(ids)} tokens; this model's context is "
@@ -139,34 +160,43 @@ class CollectServer:
                            "context_length_exceeded")
         params = sampling_params(min(self.args.max_new_tokens, room), temperature=self.args.temperature,
                                  logprobs=False, n=n, stop=stop[0], stop_token_ids=stop[1])
-        with lock:
-            out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        out = await self.engines[engine].generate(ids, params, deadline)
         return [c.text for c in out.outputs]
 
     async def _two_responses(self, messages: list[dict]) -> list[tuple[str, str]]:
-        """[(text, snapshot), (text, snapshot)]: one from each snapshot, or two samples of one."""
+        """[(text, snapshot), (text, snapshot)]: one from each snapshot, or two samples of one;
+        504 past the generation deadline, 503 if an engine has died."""
         text, *stop = policy_prompt(messages, self.tokenizer, self.args.conversation_format)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(self.engines) == 1:
-            texts = await asyncio.to_thread(self._sample, 0, ids, 2, stop)
-            return [(t, self.snapshots[0]) for t in texts]
-        texts = await asyncio.gather(*(asyncio.to_thread(self._sample, k, ids, 1, stop) for k in range(2)))
-        return [(t[0], s) for t, s in zip(texts, self.snapshots)]
+        deadline = time.monotonic() + self.args.generation_timeout_s
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                if len(self.engines) == 1:
+                    texts = await self._sample(0, ids, 2, stop, deadline)
+                    return [(t, self.snapshots[0]) for t in texts]
+                texts = await asyncio.gather(*(self._sample(k, ids, 1, stop, deadline) for k in range(2)))
+                return [(t[0], s) for t, s in zip(texts, self.snapshots)]
+        except TimeoutError:
+            raise generation_timeout(self.args.generation_timeout_s) from None
+        except EngineDead as e:
+            raise engine_unavailable(e, self.args.retry_after_s) from None
 
     @collect_api.get("/")
-    async def page(self):
+    async def page(self, request: Request):
+        check_host(request.headers, self.args.api_key, self.allowed_hosts)
         return HTMLResponse(self.page)
 
     @collect_api.get("/healthz")
     async def healthz(self, request: Request):
-        check_api_key(request, self.args.api_key)
+        self._check(request)
         labels = await asyncio.to_thread(self.store.count_labels, self.args.round)
-        return {"status": "ok", "snapshots": self.snapshots, "round": self.args.round, "labels_this_round": labels}
+        return {"status": "ok", "snapshots": self.snapshots, "round": self.args.round, "labels_this_round": labels,
+                "engines": [e.stats() for e in self.engines]}
 
     @collect_api.post("/api/respond")
     async def respond(self, request: Request):
-        check_api_key(request, self.args.api_key)
-        body = parse_json_object(await read_body(request, self.args.max_request_bytes))
+        self._check(request)
+        body = parse_json_object(await read_body(request, self.args.max_request_bytes, self.args.body_timeout_s))
         messages = parse_conversation(body, self.args.max_turns, self.args.max_text_chars)
         pair = await self._two_responses(messages)
         if self.rng.random() < 0.5:  # which snapshot is "1" is random: no position bias per snapshot
@@ -182,8 +212,8 @@ class CollectServer:
 
     @collect_api.post("/api/label")
     async def label(self, request: Request):
-        check_api_key(request, self.args.api_key)
-        body = parse_json_object(await read_body(request, self.args.max_request_bytes))
+        self._check(request)
+        body = parse_json_object(await read_body(request, self.args.max_request_bytes, self.args.body_timeout_s))
         name = body.get("labeler", "anonymous")
         if not isinstance(name, str) or not name.strip():
             name = "anonymous"
@@ -212,12 +242,13 @@ def build_collect_app(args: dict) -> serve.Application:
     a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
     a.db = str(Path(a.db).resolve())  # the replica's working directory is not ours
     ComparisonStore(a.db, a.max_text_chars)  # creates it now: a bad path fails here, not in the replica
-    return CollectServer.options(ray_actor_options={"num_cpus": a.cpus_per_replica,
+    return CollectServer.options(**a.deployment_options(), ray_actor_options={"num_cpus": a.cpus_per_replica,
                                                     "runtime_env": {"env_vars": worker_env()}}).bind(a.model_dump())
 
 
 def start_collect(args: dict, host: str = "127.0.0.1", port: int = 8001, name: str = "hh-ray-collect"):
     check_bind(host, args.get("api_key", ""))
+    args = {**args, "host": host}  # the replica answers for the host bound here (the Host check)
     return deploy(build_collect_app(args), host, port, name)
 
 

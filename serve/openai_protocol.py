@@ -22,10 +22,14 @@ ROLES = ("system", "developer", "user", "assistant")
 
 
 class APIError(Exception):
+    """An error answered to the client: its status, an OpenAI-shaped body and any headers
+    (e.g. Retry-After)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)

@@ -270,6 +270,23 @@ def test_api_key_on_every_route(server):
     assert _post(server, OK).status_code == 200
 
 
+def test_host_check_without_a_key(server):
+    """With no API key (the /chat app and the collection page), a Host header naming another host
+    is refused (DNS rebinding), and so is a foreign Origin; with a key (the main app), the key decides."""
+    port = server.url.rsplit(":", 1)[1]
+    for path in ("/chat/v1/models", "/chat/healthz", "/collect-chat/", "/collect-chat/healthz"):
+        r = httpx.get(server.url + path, headers={"Host": f"attacker.example:{port}"}, timeout=30)
+        assert r.status_code == 421, (path, r.text)
+        assert r.json()["error"]["code"] == "misdirected_request"
+        assert httpx.get(f"http://localhost:{port}{path}", timeout=30).status_code == 200, path
+    r = httpx.post(server.url + "/collect-chat/api/label", json={"pair_id": 1, "choice": "a"},
+                   headers={"Origin": "https://attacker.example"}, timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin"
+    r = httpx.get(server.url + "/healthz", headers={"Host": "attacker.example", "Authorization": f"Bearer {KEY}"},
+                  timeout=30)
+    assert r.status_code == 200
+
+
 def test_replica_survives_bad_input(server):
     before = _health(server)["replica"]
     for body, _, _ in BAD[:6]:
