@@ -1,6 +1,10 @@
-"""One RLHF iteration on SmolLM2-135M, sync vs async, side by side.
+"""One RLHF iteration on SmolLM2-135M in several settings, side by side.
 
-    .venv/bin/python bench/bench_ppo.py [--iterations 3] [--prompts 16] [--new-tokens 64]
+    .venv/bin/python bench/bench_ppo.py [--iterations 3] [--prompts 16] [--new-tokens 64] [--modes sync,async]
+
+Modes: sync, async, fp32 (the learner settings of before), and the estimators / LoRA on the
+same workload of --prompts sequences: ppo-lora (PPO + critic, LoRA r=16), grpo and rloo (4
+samples per prompt: --prompts/4 prompts x 4, no critic), grpo-lora and rloo-lora.
 
 Prints samples/s, time per phase (generate, score, learn, sync) and the peak
 memory of all the run's processes together (sum of RSS of the driver and every
@@ -102,6 +106,15 @@ FP32 = {"ppo.mode": "sync", "ppo.autocast": "none", "ppo.fuse_value_pass": False
         "ppo.pm_service_cpus": 1, "model.gradient_checkpointing": True}
 
 
+LORA = {"model.lora_rank": 16}
+GROUPS = {"generation.samples_per_prompt": 4}
+MODES = {"sync": {"ppo.mode": "sync"}, "async": {"ppo.mode": "async"}, "fp32": FP32,
+         "ppo-lora": LORA,
+         "grpo": {**GROUPS, "ppo.advantage_estimator": "grpo"}, "rloo": {**GROUPS, "ppo.advantage_estimator": "rloo"},
+         "grpo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "grpo"},
+         "rloo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "rloo"}}
+
+
 def steady_rows(rows: list[dict], mode: str) -> list[dict]:
     """The iterations in a steady state: not the first (warm-up), and in async mode not
     the last either: it has no next batch to generate while it learns, so it runs alone."""
@@ -127,8 +140,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--modes", default="sync,async",
-                    help="comma-separated: sync, async, and 'fp32' (sync with the learner settings of "
-                         "before: no autocast, no fused value pass, micro-batches of 4 with gradient "
+                    help="comma-separated, of: " + ", ".join(MODES) + " ('fp32': sync with the learner "
+                         "settings of before: no autocast, no fused value pass, micro-batches of 4 with gradient "
                          "checkpointing, 1-CPU PM service)")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -145,7 +158,7 @@ def main() -> None:
     results, breakdowns = {}, {}
     for mode in args.modes.split(","):
         cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml", {
-            **(FP32 if mode == "fp32" else {"ppo.mode": mode}),
+            **MODES[mode],
             "model.policy": policy, "model.pm": pm, "ppo.iterations": args.iterations,
             "ppo.rollout_batch_size": args.prompts, "ppo.minibatch_size": args.prompts, "ppo.epochs": 1,
             "generation.max_new_tokens": args.new_tokens, "ppo.checkpoint_every": 10**6,
@@ -157,6 +170,7 @@ def main() -> None:
             train_ppo(cfg, run_dir)
         rows = read_metrics(run_dir, "ppo")
         steady = steady_rows(rows, cfg.ppo.mode)
+        autocast = next(line for line in (run_dir / "config.yaml").read_text().splitlines() if "autocast" in line)
         results[mode] = {
             "samples/s (steady)": sum(r["samples"] for r in steady) / sum(r["time_iteration"] for r in steady),
             "s/iteration (steady)": statistics.mean(r["time_iteration"] for r in steady),
@@ -166,7 +180,6 @@ def main() -> None:
             "learn s": statistics.mean(r["time_learn"] for r in steady),
             "  no-grad passes s": statistics.mean(r["time_learn_forward"] for r in steady),
             "  updates s": statistics.mean(r["time_learn_update"] for r in steady),
-            "  publish weights s": statistics.mean(r["time_learn_publish"] for r in steady),
             "sync s": statistics.mean(r["time_sync"] for r in steady),
             "tokens/iteration": statistics.mean(r["tokens_generated"] for r in steady),
             "peak RSS GiB (all processes)": mem.peak / 2**30,
@@ -175,8 +188,10 @@ def main() -> None:
         }
         breakdowns[mode] = mem.breakdown()
         shutil.rmtree(run_dir)  # its final checkpoint alone is ~4 GB
-    print(f"\nSmolLM2-135M PPO: {args.prompts} prompts x {args.new_tokens} new tokens, 1 epoch, 1 minibatch, "
-          f"{os.cpu_count()} CPUs")
+    from bench_weight_sync import cpu_name  # bench/ is on sys.path: this script is run from there
+
+    print(f"\nSmolLM2-135M PPO: {args.prompts} sequences x {args.new_tokens} new tokens, 1 epoch, 1 minibatch, "
+          f"{os.cpu_count()} CPUs ({cpu_name()}), {autocast.strip()}")
     modes = list(results)
     print(f"{'':32}" + "".join(f"{m:>12}" for m in modes))
     for key in results[modes[0]]:

@@ -37,12 +37,15 @@ def _free_port() -> int:
 
 
 def untrained_pm(policy: str) -> str:
-    from hh_ray.models import cache_root, load_scalar_head_model, save_model
+    """A PM on the policy's backbone that scores conversations in the format the policy is served in."""
+    from hh_ray.conversation import model_format
+    from hh_ray.models import cache_root, load_scalar_head_model, load_tokenizer, save_model
 
-    out = cache_root() / "smollm2-135m-pm-untrained"
+    fmt = model_format(policy, "auto", load_tokenizer(policy))
+    out = cache_root() / f"smollm2-135m-pm-untrained-{fmt}"
     if not (out / "config.json").exists():
         model, tok = load_scalar_head_model(policy)
-        save_model(model, tok, out)
+        save_model(model, tok, out, conversation_format=fmt)
     return str(out)
 
 

@@ -38,6 +38,7 @@ class ModelConfig:
     max_seq_len: int = doc(512, "Longest prompt+response in tokens; longer transcripts are truncated from the left.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
     cache_dir: str = doc("", "Where converted/generated models are cached; empty = ~/.cache/hh-ray.")
+    lora_rank: int = doc(0, "LoRA rank: > 0 trains low-rank adapters (alpha = 2 x rank) on every linear layer of the policy, the critic and the PM instead of all weights; the reference is the base with the adapters off. 0 = full fine-tuning.")
     conversation_format: str = doc("auto", "How conversations are rendered for the models: 'hh' (the paper's \\n\\nHuman: / \\n\\nAssistant: text; a turn ends at the next Human turn), 'chat' (the tokenizer's chat template; a turn ends at its end-of-turn token) or 'auto' (chat when the policy's tokenizer has a template). A model folder the project wrote keeps the format it was trained in.")
 
 
@@ -393,6 +394,9 @@ def _check_ppo(cfg: Config) -> None:
     if p.advantage_estimator in ("grpo", "grpo_no_std", "rloo") and k < 2:
         raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the samples of one prompt: "
                           "set generation.samples_per_prompt to 2 or more")
+    if cfg.model.lora_rank and cfg.pm.strategy == "fsdp":
+        raise ConfigError("model.lora_rank with pm.strategy=fsdp: LoRA trains with DDP (the adapters are small); "
+                          "set pm.strategy=ddp")
     if cfg.generation.max_new_tokens >= cfg.model.max_seq_len:
         raise ConfigError(f"generation.max_new_tokens ({cfg.generation.max_new_tokens}) leaves no room for a "
                           f"prompt within model.max_seq_len ({cfg.model.max_seq_len})")

@@ -21,9 +21,11 @@ def weights_for_sync(model: torch.nn.Module) -> dict[str, np.ndarray | torch.Ten
     vLLM's layer-wise `reload_weights` leaves a tied output layer with its old
     weights when only the embedding arrives (SmolLM2, measured: greedy
     log-probs then differ from HF by 1.5 nats; with the alias, 1.3e-5). It is
-    the same array object, so pickle stores it once."""
+    the same array object, so pickle stores it once. A LoRA model sends its merged weights."""
+    from hh_ray.lora import hf_state_dict
+
     out, seen = {}, {}
-    for k, v in model.state_dict().items():
+    for k, v in hf_state_dict(model).items():
         t = v.detach().to("cpu").contiguous()
         if t.dtype != torch.bfloat16:
             key = (t.data_ptr(), t.shape, t.dtype)

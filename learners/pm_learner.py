@@ -38,9 +38,10 @@ from hh_ray.checkpoint import latest_checkpoint, prune_checkpoints, read_state, 
 from hh_ray.config import with_value
 from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import DataError, load_comparisons
+from hh_ray.lora import add_lora, hf_state_dict
 from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer
 from learners.kit import (adamw, all_reduce_sum, clip_and_step, full_model_state, no_sync_unless,
-                          restore_checkpoint, save_checkpoint)
+                          restore_checkpoint, save_checkpoint, unwrap)
 
 MAX_GRAD_NORM = 1.0  # clipping keeps the tiny test model's high LR stable; harmless at paper LRs
 
@@ -184,14 +185,19 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP broadcasts rank 0's anyway)
     model, tok = load_scalar_head_model(config["init_path"], cfg.model.dtype)
+    if cfg.model.lora_rank:  # adapters and the score head train; the backbone stays
+        add_lora(model, cfg.model.lora_rank, head="score")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if cfg.model.lora_rank:
+            model.enable_input_require_grads()
     model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.pm.strategy)
 
     resume, pos = resume_point(Path(config["checkpoint_root"]))
     stages = ray.get(config["stages"][0])  # wrapped in a list so Ray does not resolve it on the way
     for si in range(pos["stage"], len(stages)):
-        opt = adamw(model.parameters(), lr=stages[si]["lr"], weight_decay=cfg.pm.weight_decay)
+        opt = adamw([p for p in model.parameters() if p.requires_grad], lr=stages[si]["lr"],
+                    weight_decay=cfg.pm.weight_decay)
         if resume is not None:
             # Checkpoints fall inside a stage, so the first stage entered is the saved one:
             # its weights always, its optimizer state when that stage's optimizer was saved.
@@ -202,7 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
             return
         pos.update(stage=si + 1, epoch=0)
 
-    full = full_model_state(model)  # collective under FSDP
+    # collective under FSDP; with LoRA (DDP only) the adapters merged under the plain names
+    full = hf_state_dict(unwrap(model)) if cfg.model.lora_rank else full_model_state(model)
     if rank == 0:
         final, _ = load_scalar_head_model(config["init_path"], cfg.model.dtype)
         final.load_state_dict(full)

@@ -21,6 +21,7 @@ minibatch the critic's training forward also gives the old values
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -38,6 +39,7 @@ from ray.train.torch import TorchConfig
 
 from hh_ray import ppo
 from hh_ray.estimators import needs_critic
+from hh_ray.lora import AdapterView, adapters_off, add_lora, hf_state_dict, merged_copy
 from hh_ray.config import Config, parse_resources
 from hh_ray.models import autocast, load_policy, load_scalar_head_model, load_tokenizer, response_logits, save_model, token_values
 from hh_ray.rollout import RolloutBatch
@@ -124,6 +126,7 @@ class PPOWorker:
         self.device_type = self.device.type
         self.broadcaster = None  # rank 0, broadcast sync: made at the first `broadcast`
         torch.manual_seed(cfg.seed)
+        self.paths = paths
         self.build(paths)
         if paths.resume_from:
             self.restore(paths.resume_from)
@@ -138,7 +141,14 @@ class PPOWorker:
         critic, self.critic_tokenizer = (load_scalar_head_model(paths.critic, cfg.model.dtype) if self.has_critic
                                          else (None, None))
         trained = [m for m in (policy, critic) if m is not None]
-        self.reference = PolicyModel(load_policy(paths.policy, cfg.model.dtype).eval().requires_grad_(False)).to(self.device)
+        self.lora = cfg.model.lora_rank
+        if self.lora:  # adapters only; pi0 is the policy with them off, so no reference copy
+            add_lora(policy, self.lora)
+            if critic is not None:
+                add_lora(critic, self.lora, head="score")
+            self.reference = None
+        else:
+            self.reference = PolicyModel(load_policy(paths.policy, cfg.model.dtype).eval().requires_grad_(False)).to(self.device)
         self.policy_tokenizer = load_tokenizer(paths.policy)
         if self.p.autocast == "bfloat16" and self.device_type == "cpu":
             # torch's fused CPU attention has a slow bf16 backward (1.7 s of a 10 s policy
@@ -149,13 +159,20 @@ class PPOWorker:
         if cfg.model.gradient_checkpointing:
             for m in trained:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if self.lora:
+                    m.enable_input_require_grads()  # a frozen embedding would cut the recomputed graph
         policy.config.use_cache = False
+        trainable = lambda m: [q for q in m.parameters() if q.requires_grad]  # noqa: E731
         self.policy = PolicyModel(policy).to(self.device)
-        self.policy_opt = adamw(self.policy.parameters(), lr=self.p.lr)
+        self.policy_opt = adamw(trainable(self.policy), lr=self.p.lr)
         self.value_model = self.critic_opt = None
         if self.has_critic:
             self.value_model = ValueModel(critic).to(self.device)
-            self.critic_opt = adamw(self.value_model.parameters(), lr=self.p.critic_lr)
+            self.critic_opt = adamw(trainable(self.value_model), lr=self.p.critic_lr)
+        # What a checkpoint holds: the whole models, or with LoRA their trainable tensors only.
+        self.saved = {"policy": AdapterView(policy) if self.lora else policy}
+        if self.has_critic:
+            self.saved["critic"] = AdapterView(critic) if self.lora else critic
         if self.world > 1:
             self.policy = ray.train.torch.prepare_model(self.policy)
             if self.has_critic:
@@ -166,11 +183,10 @@ class PPOWorker:
         self.mixed = functools.partial(autocast, self.p.autocast, self.device_type)
 
     def models(self) -> tuple[dict, dict]:
-        """The HF models by checkpoint name, with the optimizers that train them."""
-        models, optimizers = {"policy": unwrap(self.policy).lm}, {"policy": self.policy_opt}
-        if self.has_critic:
-            models["critic"], optimizers["critic"] = unwrap(self.value_model).critic, self.critic_opt
-        return models, optimizers
+        """What a checkpoint holds by name (the HF models, or with LoRA their adapters), with the
+        optimizers that train them."""
+        optimizers = {"policy": self.policy_opt, **({"critic": self.critic_opt} if self.has_critic else {})}
+        return dict(self.saved), optimizers
 
     def ready(self) -> dict:
         """What the group announces when it starts: every rank's pid and placement, and
@@ -230,9 +246,11 @@ class PPOWorker:
         if shard.ref_logprobs is not None:
             return shard.ref_logprobs
         out = torch.zeros_like(shard.behaviour_logprobs)
-        for rows, mb, w in micro_batches(shard, list(range(len(shard))), self.p.micro_batch_size):
-            ids, attn, pos = mb.input_ids[:, :w], mb.attention_mask[:, :w], mb.response_mask[:, :w]
-            out[rows, :w] = ppo.response_logprobs(self.reference(ids, attn, pos), ids, pos, self.cfg.generation.temperature)
+        reference = self.reference or unwrap(self.policy)
+        with adapters_off(reference.lm) if self.lora else contextlib.nullcontext():
+            for rows, mb, w in micro_batches(shard, list(range(len(shard))), self.p.micro_batch_size):
+                ids, attn, pos = mb.input_ids[:, :w], mb.attention_mask[:, :w], mb.response_mask[:, :w]
+                out[rows, :w] = ppo.response_logprobs(reference(ids, attn, pos), ids, pos, self.cfg.generation.temperature)
         return out
 
     @torch.no_grad()
@@ -349,10 +367,13 @@ class PPOWorker:
         if self.broadcaster is None:
             g = self.cfg.generation
             self.broadcaster = WeightBroadcaster(self.device, g.tensor_parallel_size, g.weight_bucket_mb << 20)
-        return self.broadcaster.send(unwrap(self.policy).lm.state_dict(), version, workers)
+        return self.broadcaster.send(hf_state_dict(unwrap(self.policy).lm), version, workers)
 
     def checkpoint(self, root: str, step: int, controller_state: dict) -> dict:
         models, optimizers = self.models()
+        if self.lora:  # the adapters need their base
+            controller_state = {**controller_state, "lora": {"rank": self.lora, "base_policy": self.paths.policy,
+                                                             "base_critic": self.paths.critic}}
         folder = save_checkpoint(Path(root), step, models, optimizers, controller_state, self.rank)
         return {"path": str(folder)}
 
@@ -365,11 +386,12 @@ class PPOWorker:
     def save(self, path: str) -> dict:
         """The run's final policy/ and critic/ Hugging Face folders."""
         if self.rank == 0:
-            models, _ = self.models()
             fmt = self.cfg.model.conversation_format  # resolved by the controller
-            save_model(models["policy"], self.policy_tokenizer, Path(path) / "policy", conversation_format=fmt)
+            plain = merged_copy if self.lora else (lambda m: m)  # LoRA: the adapters merged in
+            save_model(plain(unwrap(self.policy).lm), self.policy_tokenizer, Path(path) / "policy", conversation_format=fmt)
             if self.has_critic:
-                save_model(models["critic"], self.critic_tokenizer, Path(path) / "critic", conversation_format=fmt)
+                save_model(plain(unwrap(self.value_model).critic), self.critic_tokenizer, Path(path) / "critic",
+                           conversation_format=fmt)
         return {"path": path}
 
 
@@ -462,5 +484,17 @@ class PPOLearnerGroup:
         return Path(self._call("save", path=str(path))["path"])
 
     def shutdown(self) -> None:
+        """Stop the workers and wait for fit() to return. A worker takes the stop after its
+        current command, and Ray Train winds down for seconds more: while a KeyboardInterrupt
+        (Ctrl-C, or SIGTERM through the CLI) unwinds the run, wait only briefly; the CLI then
+        ends the actors with Ray (hh_ray/orchestration/cli.py, Interrupts)."""
+        import queue
+        import sys
+
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
         self.client.stop()
-        self._thread.join(timeout=120)
+        self._thread.join(timeout=1.0 if interrupted else 120)
+        if self._thread.is_alive():
+            # fit() ends only when Ray does; its fit_ended notice then has no reader and the
+            # queue actor is gone: it goes into a local queue, not into a traceback.
+            self.results = queue.Queue()

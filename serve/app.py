@@ -51,7 +51,7 @@ from actors.vllm_engine import make_replica_llm
 from hh_ray.conversation import model_format, pm_format
 from hh_ray.runtime import worker_env
 from serve.load import (EngineDead, EngineLoop, LoadArgs, allowed_host_names, check_host, engine_unavailable,
-                        generation_timeout, read_body)
+                        generation_timeout, read_body, replica_gpus)
 from serve.openai_protocol import (APIError, ChatRequest, Limits, chunk_body, completion_body, completion_id,
                                    error_body, hh_prompt, parse_chat_request, policy_prompt, sse)
 
@@ -72,6 +72,7 @@ class ServeArgs(LoadArgs):
     ood_refuse: bool = Field(False, description="Refuse (finish_reason 'content_filter') prompts the detector flags.")
     model_name: str = Field("", description="Model id in /v1/models; empty = the policy folder's name.")
     cpus_per_replica: float = Field(1, gt=0, description="CPUs per replica (vLLM's threads on CPU).")
+    gpus_per_replica: float = Field(-1, ge=-1, description="GPUs per replica; -1 = 1 on a cluster with GPUs, 0 without.")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache per replica in GiB (CPU).")
     max_model_len: int = Field(0, ge=0, description="Prompt + response token limit; 0 = the model's.")
     pm_max_len: int = Field(512, ge=8, description="Transcript tokens the PM reads (truncated from the left).")
@@ -366,7 +367,7 @@ def build_app(args: dict) -> serve.Application:
     a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
     # OMP threads follow num_cpus; the PM scorer the replica starts asks for one more CPU.
     return ChatServer.options(num_replicas=a.replicas, **a.deployment_options(),
-                              ray_actor_options={"num_cpus": a.cpus_per_replica,
+                              ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": replica_gpus(a),
                                                  "runtime_env": {"env_vars": worker_env()}}).bind(a.model_dump())
 
 

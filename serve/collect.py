@@ -46,7 +46,7 @@ from hh_ray.runtime import worker_env
 from serve.app import (API_KEY_ENV, api_app, block_until_stopped, check_api_key, check_bind, check_engine, deploy,
                        serving_format)
 from serve.load import (EngineDead, EngineLoop, LoadArgs, allowed_host_names, check_host, engine_unavailable,
-                        generation_timeout, read_body)
+                        generation_timeout, read_body, replica_gpus)
 from serve.openai_protocol import APIError, hh_prompt, parse_json_object, policy_prompt
 
 PAGE = Path(__file__).parent / "static" / "collect.html"
@@ -69,6 +69,7 @@ class CollectArgs(LoadArgs):
     max_new_tokens: int = Field(128, ge=1, description="Response length cap (paper: 128).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
     cpus_per_replica: float = Field(1, gt=0, description="CPUs for the replica (vLLM's threads on CPU).")
+    gpus_per_replica: float = Field(-1, ge=-1, description="GPUs per replica; -1 = 1 on a cluster with GPUs, 0 without.")
     kv_cache_gib: float = Field(0.5, gt=0, description="vLLM KV cache per engine in GiB (CPU).")
     max_model_len: int = Field(0, ge=0, description="Prompt + response token limit; 0 = the model's.")
     seed: int = Field(0, description="Engine seed.")
@@ -242,7 +243,7 @@ def build_collect_app(args: dict) -> serve.Application:
     a.api_key = a.api_key or os.environ.get(API_KEY_ENV, "")
     a.db = str(Path(a.db).resolve())  # the replica's working directory is not ours
     ComparisonStore(a.db, a.max_text_chars)  # creates it now: a bad path fails here, not in the replica
-    return CollectServer.options(**a.deployment_options(), ray_actor_options={"num_cpus": a.cpus_per_replica,
+    return CollectServer.options(**a.deployment_options(), ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": replica_gpus(a),
                                                     "runtime_env": {"env_vars": worker_env()}}).bind(a.model_dump())
 
 

@@ -324,3 +324,12 @@ class EngineLoop:
                     break
                 if kind == "add":
                     self._resolve(job, error=dead)
+
+
+def replica_gpus(args) -> float:
+    """GPUs a replica asks Ray for (`gpus_per_replica`, -1 = one where the cluster has GPUs)."""
+    import ray
+
+    from hh_ray.runtime import gpus_for
+
+    return gpus_for(args.gpus_per_replica, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0, 1)

@@ -354,6 +354,26 @@ def test_reinforce_pp_returns_by_hand_and_make_experience_settings():
     assert loss.item() == pytest.approx(math.expm1(-0.5) + 0.5, rel=1e-5) and cur.grad.abs().sum() > 0
 
 
+def test_learner_shards_hold_whole_groups_of_equal_size():
+    from hh_ray.rollout import RolloutBatch
+
+    def batch(groups):
+        b = len(groups)
+        return RolloutBatch(torch.zeros(b, 2, dtype=torch.long), torch.ones(b, 2), torch.ones(b, 2), torch.zeros(b, 2),
+                            torch.zeros(b, dtype=torch.long), [""] * b, [""] * b, ["stop"] * b,
+                            group=None if groups is None else torch.tensor(groups))
+
+    one_each = batch([0, 1, 2, 3, 4, 5])
+    one_each.group = None
+    assert one_each.shard_rows(0, 2) == [0, 2, 4] and one_each.shard_rows(1, 2) == [1, 3, 5]  # as before groups
+    grouped = batch([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    shards = [grouped.shard_rows(r, 2) for r in range(2)]
+    assert shards == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10, 11]]
+    assert sorted(shards[0] + shards[1]) == list(range(12))
+    kept = grouped.select(shards[1])  # a shard keeps its group ids, so its estimator sees whole groups
+    assert kept.groups().tolist() == [1, 1, 1, 3, 3, 3]
+
+
 def test_tokens_before_stop_by_hand():
     """vLLM keeps the tokens up to the one that completed the stop string; the response keeps
     only those wholly before it, a token straddling the cut going with the stop string."""
