@@ -57,6 +57,13 @@ def torch_trainer(train_loop, **kwargs):
         def _create_default_callbacks(self):
             return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
 
+        def _register_sigint_handler(self, controller):
+            # fit() in the main thread would take over SIGINT for good (never restored): a
+            # "graceful abort" that waits on Ray Train, and after fit() returned a handler
+            # for a controller that is gone. Ctrl-C stays a KeyboardInterrupt, which the
+            # CLI turns into a bounded stop (hh_ray/orchestration/cli.py, Interrupts).
+            pass
+
     return Trainer(train_loop, **kwargs)
 
 
@@ -107,9 +114,17 @@ def fit_and_log(trainer, queue, on_message) -> None:
 
     logger = threading.Thread(target=drain, daemon=True)
     logger.start()
+    interrupted = False
     try:
         trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI): the workers keep sending until Ray ends
+        interrupted = True
+        raise
     finally:
         finished.set()
-        logger.join()
-        queue.shutdown()
+        if interrupted:  # end the queue first: the drain thread's wait fails at once and it returns
+            queue.shutdown(force=True)
+            logger.join(timeout=2.0)
+        else:
+            logger.join()
+            queue.shutdown()

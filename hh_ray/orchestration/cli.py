@@ -175,9 +175,255 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+STOP_DEADLINE_S = 8.0  # first signal -> hard stop: the clean-up's share of the 10 s promise
+RESUMABLE = {"demo", "train-pm", "distill", "sft", "train-ppo", "online"}
+
+
+def _run_processes() -> list:
+    """Every process descending from this one, as psutil handles (a reused pid is never hit)."""
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _is_alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_processes(procs: list, wait_s: float = 1.0, rescan: bool = True) -> list:
+    """SIGKILL `procs` and (`rescan`) whatever descends from this process now (a worker Ray
+    started meanwhile); returns those still alive after `wait_s`."""
+    import time
+
+    import psutil
+
+    seen = {p.pid: p for p in procs}
+    for _ in range(2 if rescan else 1):  # again for processes started while the first round was killed
+        if rescan:
+            seen.update({p.pid: p for p in _run_processes()})
+        for p in seen.values():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    deadline = time.monotonic() + wait_s
+    while True:
+        psutil.wait_procs(_direct_children(seen.values()), timeout=0)  # reap our own: no zombies
+        alive = [p for p in seen.values() if _is_alive(p)]  # a zombie elsewhere counts as gone
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _direct_children(procs) -> list:
+    import os
+
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.ppid() == os.getpid():
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+class Interrupts:
+    """SIGINT and SIGTERM end every stage the same way, within 10 s.
+
+    The first signal prints one line and raises KeyboardInterrupt in the main thread
+    (SIGTERM too): the current step is abandoned, the stage's own clean-ups run (actors
+    killed; a learner group waits for Ray Train only briefly), then `main` kills the
+    processes of a cluster started here (GCS, raylet, agents, workers: see
+    hh_ray.orchestration.cluster.leave_ray_now for why not `ray.shutdown()`), W&B's exit hook
+    finishes its run, and the last exit hook kills whatever is left of the processes
+    recorded at the signal and exits without the interpreter's slow teardown. A watcher thread, woken through
+    `signal.set_wakeup_fd` (so also under a handler a library installed, as Serve does),
+    stops the process hard if that has not finished STOP_DEADLINE_S after the signal, or at
+    once on a second signal: it SIGKILLs every process descending from this one (recorded at
+    the first signal; on a cluster started here that is all of Ray's: GCS, raylet, agents,
+    actors, learners) and exits. On a cluster the driver only joined, Ray ends the job's
+    actors when the driver exits. Exit status 128 + the signal: 130 for SIGINT, 143 for SIGTERM.
+
+    No checkpoint is left half-written: they are written into a temporary folder and renamed
+    into place, so an abandoned save leaves a leftover the next start removes, and `--resume`
+    continues from the last complete one."""
+
+    def __init__(self, stage: str):
+        import atexit
+        import os
+        import signal
+        import threading
+
+        self.stage, self.signum, self.raised, self.code = stage, None, False, None
+        self.processes, self.ray_processes = [], []  # recorded at the first signal
+        self._saved = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach only the main thread: leave them alone (main() called from a thread)
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._saved = (signal.set_wakeup_fd(self._write, warn_on_full_buffer=False),
+                       signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+        self.install()
+        threading.Thread(target=self._watch, daemon=True, name="hh-ray-interrupts").start()
+        # Registered before Ray's and W&B's exit hooks, so it runs after them.
+        atexit.register(self._at_exit)
+
+    def install(self) -> None:
+        """(Re)install the handlers: ray.init sets its own SIGTERM handler (an unbounded exit)."""
+        import signal
+
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Main thread. Later signals are the watcher's: they stop the process at once.
+        if not self.raised:
+            self.raised = True
+            self.signum = self.signum or signum
+            raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + (self.signum or signal.SIGINT)
+
+    def _say(self, text: str, newline: bool = False) -> None:
+        import os
+
+        try:  # unbuffered and lock-free: safe from any thread; `newline`: off a progress bar's line
+            os.write(2, f"{chr(10) if newline else ''}hh-ray {self.stage}: {text}\n".encode())
+        except OSError:
+            pass
+
+    def _watch(self) -> None:
+        import os
+        import signal
+        import threading
+
+        seen = 0
+        while True:
+            try:
+                data = os.read(self._read, 64)
+            except OSError:
+                return
+            if not data:  # main() returned without a signal and closed the pipe
+                os.close(self._read)
+                return
+            for b in data:
+                if b not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                seen += 1
+                if seen == 1:
+                    self.signum = self.signum or b
+                    self.processes = _run_processes()
+                    if "ray" in sys.modules:  # a Ray stage (for the others, importing it would cost seconds)
+                        from hh_ray.orchestration.cluster import local_cluster_processes
+
+                        self.ray_processes = local_cluster_processes()
+                    resume = "; resume with --resume" if self.stage in RESUMABLE else ""
+                    self._say(f"interrupted ({signal.Signals(b).name}): stopping{resume}", newline=True)
+                    timer = threading.Timer(STOP_DEADLINE_S, self._hard_stop,
+                                            (f"clean-up not done in {STOP_DEADLINE_S:.0f} s",))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    self._hard_stop(f"second signal ({signal.Signals(b).name})")
+
+    def _hard_stop(self, why: str) -> None:
+        import os
+
+        left = _kill_processes(self.processes)
+        self._say(f"{why}: killed the run's processes"
+                  + (f" ({len(left)} still alive: {[p.pid for p in left]})" if left else "") + "; exiting")
+        os._exit(self.exit_code)
+
+    def stopped(self) -> int:
+        """The interrupt reached main(): kill the local cluster's processes (all of Ray's,
+        those recorded at the signal too: a process whose parent died meanwhile is no longer
+        below the raylet) and return the exit status; the exit hook ends the rest (W&B's
+        service, once W&B's own hook has finished the run)."""
+        if "ray" in sys.modules:
+            from hh_ray.orchestration.cluster import leave_ray_now, local_cluster_processes
+
+            try:
+                leave_ray_now()
+                _kill_processes(local_cluster_processes() + self.ray_processes, wait_s=2.0, rescan=False)
+            except Exception as e:  # the exit hook and the watcher still end the processes
+                self._say(f"stopping Ray: {e!r}")
+        return self.exit_code
+
+    def _at_exit(self) -> None:
+        # The last exit hook (W&B's, which finishes the run and ends its service, and Ray's run
+        # before it). After a signal: kill what is left of the processes recorded then (e.g. a
+        # worker's child whose parent is gone) and of this one's descendants, and skip the
+        # interpreter's teardown of every module (seconds, with torch and vLLM loaded).
+        import os
+
+        if self.signum is None:
+            return
+        _kill_processes(self.processes)  # and every descendant now (the watcher may not have recorded them yet)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1 if self.code is None else self.code)
+
+    def done(self, code: int | None) -> None:
+        """main() is returning `code` (None: with an exception). No signal came: put back the
+        handlers and wakeup fd it found (tests call main in-process). After a signal: the exit
+        hook ends the process with `code`."""
+        import atexit
+        import os
+        import signal
+
+        self.code = code
+        if self._saved is None or self.signum is not None:
+            return
+        old_fd, old_int, old_term = self._saved
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        os.close(self._write)  # ends the watcher
+        atexit.unregister(self._at_exit)
+        self._saved = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    interrupts = Interrupts(args.stage)  # SIGINT/SIGTERM: the stage ends within 10 s (exit 130/143)
+    code = None
+    try:
+        code = _run_stage(parser, args, unknown, interrupts)
+    except BaseException as e:
+        if interrupts.signum is None:
+            raise
+        if not isinstance(e, KeyboardInterrupt):  # a clean-up that failed while the stage unwound
+            print(f"hh-ray {args.stage}: while stopping: {e!r}", file=sys.stderr)
+        code = interrupts.stopped()
+    finally:
+        interrupts.done(code)
+    return code
+
+
+def _run_stage(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str],
+               interrupts: Interrupts) -> int:
     try:
         for flag in unknown:  # a mistyped --section.key: name the closest real one (exit 2 like argparse)
             if not flag.startswith("--") or "." not in flag:
@@ -198,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             from hh_ray.orchestration.cluster import ensure_ray
 
             ensure_ray()
+            interrupts.install()  # ray.init replaced the SIGTERM handler
         return STAGE_RUNNERS[args.stage](cfg, run_dir, args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"hh-ray {args.stage}: error: {e}", file=sys.stderr)
@@ -245,7 +492,7 @@ def run_serve(cfg: Config, run_dir: Path, args) -> int:
               if getattr(args, k) is not None}
     return run_forever(dict(policy=args.policy, pm=args.pm, best_of_n=args.best_of_n, replicas=args.replicas,
                             api_key=args.api_key, ood=args.ood, ood_refuse=args.ood_refuse,
-                            cpus_per_replica=g.cpus_per_worker, kv_cache_gib=g.kv_cache_gib,
+                            cpus_per_replica=g.cpus_per_worker, gpus_per_replica=g.num_gpus, kv_cache_gib=g.kv_cache_gib,
                             default_max_tokens=g.max_new_tokens, pm_max_len=cfg.model.max_seq_len, seed=cfg.seed,
                             conversation_format=cfg.model.conversation_format, **limits),
                        host=args.host, port=args.port)
@@ -269,7 +516,7 @@ def run_collect(cfg: Config, run_dir: Path, args) -> int:
                                     db=c.db or str(run_dir / "comparisons.sqlite"), api_key=args.api_key,
                                     max_text_chars=c.max_text_chars, max_turns=c.max_turns,
                                     max_request_bytes=c.max_request_bytes, max_new_tokens=g.max_new_tokens,
-                                    temperature=g.temperature, cpus_per_replica=g.cpus_per_worker,
+                                    temperature=g.temperature, cpus_per_replica=g.cpus_per_worker, gpus_per_replica=g.num_gpus,
                                     kv_cache_gib=g.kv_cache_gib, seed=cfg.seed,
                                     conversation_format=cfg.model.conversation_format),
                                host=c.host, port=c.port)

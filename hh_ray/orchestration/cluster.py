@@ -39,3 +39,48 @@ def ensure_ray(num_cpus: int | None = None):
             ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
                      runtime_env={"env_vars": worker_env()})
     return ray
+
+
+# ---------------------------------------------------------------- stopping (Ctrl-C, SIGTERM)
+#
+# What a run leaves behind depends on how it reached Ray. A cluster `ensure_ray` started
+# here (no RAY_ADDRESS) is this process's own: GCS, raylet, log monitor, autoscaler monitor
+# and minimal dashboard are its children, and the raylet's children (the dashboard and
+# runtime-env agents, every worker: generation actors, the PM service, the queue actor, Ray
+# Train's controller and learners, and what they started) descend from them. On a cluster
+# it only joined (RAY_ADDRESS, `ray job submit`), none of the cluster's processes are its
+# own: Ray ends the job's (non-detached) actors when the driver exits.
+
+
+def local_cluster_processes() -> list:
+    """psutil handles of every process of a cluster `ensure_ray` started here (GCS, raylet,
+    monitors and everything below them); [] for a joined cluster."""
+    import psutil
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    procs = []
+    for infos in (getattr(node, "all_processes", None) or {}).values():
+        for info in infos:
+            try:
+                root = psutil.Process(info.process.pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.Error:
+                pass
+    return procs
+
+
+def leave_ray_now() -> None:
+    """Before an interrupted run kills its local cluster's processes and exits: no
+    `ray.shutdown()`, now or in Ray's exit hook (removed here). It shuts this process's core
+    worker down while other threads (a learner group's fit(), a metrics drain) still call
+    Ray, and a call in that window makes Ray's core worker end the process on the spot (exit
+    status 1, the rest of the clean-up skipped: agents and workers not yet stopped stayed
+    behind); against a killed GCS it would also wait seconds. Nor may a thread's next Ray
+    call auto-start a new local cluster. A joined cluster's Ray ends the job's actors when
+    this driver exits."""
+    import atexit
+
+    atexit.unregister(ray._private.worker.shutdown)
+    auto_init = getattr(ray._private, "auto_init_hook", None)  # loaded by `import ray`
+    if auto_init is not None:
+        auto_init.enable_auto_connect = False
