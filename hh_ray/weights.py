@@ -98,12 +98,15 @@ def plan_buckets(specs: list[list], bucket_bytes: int) -> list[list[int]]:
 
 
 def pack_bucket(tensors: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The tensors' bytes end to end (each padded to ALIGN) in one uint8 buffer on `device`."""
-    sizes = [_padded(t.numel() * t.element_size()) for t in tensors]
+    """The tensors' bytes end to end (each but the last padded to ALIGN) in one uint8 buffer on
+    `device`. A bucket of one contiguous tensor on `device` is that tensor's own bytes: no copy."""
+    raws = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    if len(raws) == 1 and raws[0].device == torch.device(device):
+        return raws[0]
+    sizes = [_padded(r.numel()) for r in raws[:-1]] + [raws[-1].numel()]
     buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     offset = 0
-    for t, n in zip(tensors, sizes):
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    for raw, n in zip(raws, sizes):
         buf[offset: offset + raw.numel()].copy_(raw)
         offset += n
     return buf
@@ -120,7 +123,8 @@ def unpack_bucket(buf: torch.Tensor, specs: list[list]) -> list[tuple[str, torch
 
 
 def bucket_size(specs: list[list], bucket: list[int]) -> int:
-    return sum(_padded(_nbytes(specs[i])) for i in bucket)
+    """Bytes of a packed bucket: every tensor padded to ALIGN but the last."""
+    return sum(_padded(_nbytes(specs[i])) for i in bucket[:-1]) + _nbytes(specs[bucket[-1]])
 
 
 def rendezvous(host: str, port: int, world_size: int, is_host: bool, timeout_s: float):
@@ -154,34 +158,49 @@ def join_group(store, rank: int, world_size: int, backend: str, timeout_s: float
     raise ValueError(f"weight broadcast backend {backend!r}: expected 'gloo' or 'nccl'")
 
 
-def _broadcast(group, buf: torch.Tensor) -> None:
+def _start_broadcast(group, buf: torch.Tensor):
+    """Post a broadcast from rank 0 of `buf`; returns its work handle (`.wait()`)."""
     import torch.distributed as dist
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([buf], opts).wait()
+    return group.broadcast([buf], opts)
 
 
 def send_weights(group, named: dict[str, torch.Tensor], specs: list[list], bucket_bytes: int,
                  device: torch.device | str = "cpu") -> int:
-    """Rank 0: broadcast the tensors `specs` names, bucket by bucket. Returns the bytes sent."""
-    sent = 0
+    """Rank 0: broadcast the tensors `specs` names, bucket by bucket, the next bucket packed
+    while the previous one is on the wire. Returns the bytes sent."""
+    sent, in_flight = 0, None
     for bucket in plan_buckets(specs, bucket_bytes):
         buf = pack_bucket([named[specs[i][0]] for i in bucket], device)
-        _broadcast(group, buf)
-        sent += buf.numel()
+        work = _start_broadcast(group, buf)
+        if in_flight is not None:
+            in_flight[0].wait()
+        in_flight, sent = (work, buf), sent + buf.numel()
+    if in_flight is not None:
+        in_flight[0].wait()
     return sent
 
 
 def receive_weights(group, specs: list[list], aliases: dict[str, str], bucket_bytes: int,
                     device: torch.device | str = "cpu"):
-    """Every other rank: yield (name, tensor) as each bucket arrives, aliases after their tensor."""
+    """Every other rank: yield (name, tensor) as each bucket arrives, aliases after their
+    tensor; the next bucket is received while the caller loads this one."""
     by_name = {}
     for alias, name in aliases.items():
         by_name.setdefault(name, []).append(alias)
-    for bucket in plan_buckets(specs, bucket_bytes):
-        buf = torch.empty(bucket_size(specs, bucket), dtype=torch.uint8, device=device)
-        _broadcast(group, buf)
+    buckets = plan_buckets(specs, bucket_bytes)
+
+    def post(k):
+        buf = torch.empty(bucket_size(specs, buckets[k]), dtype=torch.uint8, device=device)
+        return _start_broadcast(group, buf), buf
+
+    nxt = post(0) if buckets else None
+    for k, bucket in enumerate(buckets):
+        work, buf = nxt
+        work.wait()
+        nxt = post(k + 1) if k + 1 < len(buckets) else None
         for name, t in unpack_bucket(buf, [specs[i] for i in bucket]):
             yield name, t
             for alias in by_name.get(name, ()):
