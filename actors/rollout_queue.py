@@ -17,12 +17,26 @@ The same actor carries the run's other messages on named, unbounded channels
 (`RolloutQueue.channel`): the controller's commands to the learners and their
 answers. One actor instead of one per queue saves a Python process (~0.13 GB)
 for each.
+
+Restarts: the actor is restarted by Ray when it dies (`max_restarts`), and a
+call in flight at that moment is run again on the new one (`max_task_retries`),
+so a blocked `get` keeps waiting instead of failing. A restarted actor is
+empty: what was queued is lost. Every actor start draws a new `start_id`, which
+every reply carries; a caller that knows under which start its item was stored
+passes it as `since`, and a `get` on a newer start raises `ChannelRestarted`
+instead of waiting for an item that is gone. The callers recover from that:
+the learner transport sends its pending command again (learners/transport.py),
+the rollout side takes the lost batch from its own ref (rollouts.py).
+`restarts` counts the starts this handle has seen after the first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import threading
+import uuid
 
 import ray
 
@@ -31,68 +45,133 @@ class RolloutQueueTimeout(TimeoutError):
     pass
 
 
+class ChannelRestarted(ConnectionResetError):
+    """The queue actor restarted since the caller's item was stored: the item is lost."""
+
+    def __init__(self, message: str, start_id: str):
+        super().__init__(message)
+        self.start_id = start_id
+
+
 @ray.remote(num_cpus=0)
 class _QueueActor:
     def __init__(self, maxsize: int):
+        self.start_id = uuid.uuid4().hex  # new at every (re)start: its queues start empty
         self.q: asyncio.Queue = asyncio.Queue(maxsize)
         self.channels: dict[str, asyncio.Queue] = {}  # name -> unbounded queue of messages
 
     def _channel(self, name: str) -> asyncio.Queue:
         return self.channels.setdefault(name, asyncio.Queue())
 
-    def send(self, channel: str, item) -> None:
-        self._channel(channel).put_nowait(item)
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "start_id": self.start_id}
 
-    async def receive(self, channel: str, timeout: float | None) -> tuple[object, bool]:
+    def send(self, channel: str, item) -> str:
+        self._channel(channel).put_nowait(item)
+        return self.start_id
+
+    async def receive(self, channel: str, timeout: float | None, since: str | None = None) -> tuple[object, str, str]:
+        """(item, "ok" | "timeout" | "restarted", start_id)."""
+        if since is not None and since != self.start_id:
+            return None, "restarted", self.start_id
         try:
-            return await asyncio.wait_for(self._channel(channel).get(), timeout), True
+            return await asyncio.wait_for(self._channel(channel).get(), timeout), "ok", self.start_id
         except asyncio.TimeoutError:
-            return None, False
+            return None, "timeout", self.start_id
 
     def pending(self, channel: str) -> int:
         return self._channel(channel).qsize()
 
-    async def put(self, item: list, timeout: float | None) -> str | None:
+    async def put(self, item: list, timeout: float | None, with_start_id: bool = False):
+        """None, or the error (str); with `with_start_id`, (that, start_id)."""
+        err = None
         try:
             await asyncio.wait_for(self.q.put(item), timeout)
         except asyncio.TimeoutError:
-            return (f"rollout queue full ({self.q.maxsize} batches) for {timeout:.0f} s: "
-                    "the consumer (learner) is not taking batches")
-        return None
+            err = (f"rollout queue full ({self.q.maxsize} batches) for {timeout:.0f} s: "
+                   "the consumer (learner) is not taking batches")
+        return (err, self.start_id) if with_start_id else err
 
-    async def get(self, timeout: float | None) -> tuple[list | None, str | None]:
+    async def get(self, timeout: float | None, since: str | None = None) -> tuple[list | None, str | None, str]:
+        """(item, error, start_id); error "restarted" when the actor is no longer the `since` start."""
+        if since is not None and since != self.start_id:
+            return None, "restarted", self.start_id
         try:
-            return await asyncio.wait_for(self.q.get(), timeout), None
+            return await asyncio.wait_for(self.q.get(), timeout), None, self.start_id
         except asyncio.TimeoutError:
-            return None, f"no rollout batch within {timeout:.0f} s: the producer is not putting batches"
+            return None, f"no rollout batch within {timeout:.0f} s: the producer is not putting batches", self.start_id
 
     def qsize(self) -> int:
         return self.q.qsize()
 
 
+class _Starts:
+    """The actor starts one process has seen (shared by a handle and its channels there)."""
+
+    def __init__(self):
+        self.current: str | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    def saw(self, start_id: str) -> str:
+        with self._lock:
+            if start_id != self.current:
+                self.restarts += self.current is not None
+                self.current = start_id
+        return start_id
+
+    def __getstate__(self):  # each process counts what it sees
+        return {"fresh": True}
+
+    def __setstate__(self, _state):
+        self.__init__()
+
+
 class RolloutQueue:
     """Handle to the queue actor; picklable, so producers in other actors can hold it."""
 
-    def __init__(self, maxsize: int = 2):
+    def __init__(self, maxsize: int = 2, max_restarts: int = 20):
         if maxsize < 1:
             raise ValueError(f"rollout queue maxsize must be >= 1, got {maxsize}")
-        self._actor = _QueueActor.options(max_concurrency=1000).remote(maxsize)
+        self._actor = _QueueActor.options(max_concurrency=1000, max_restarts=max_restarts,
+                                          max_task_retries=-1).remote(maxsize)
+        self._starts = _Starts()
 
-    def put(self, batch_ref: ray.ObjectRef, timeout: float | None = None) -> None:
-        """Block while the queue is full (back-pressure); raise after `timeout` s."""
+    @property
+    def restarts(self) -> int:
+        """Restarts of the actor this handle has seen (a reply from a new start)."""
+        return self._starts.restarts
+
+    def start_id(self) -> str:
+        return self._starts.saw(ray.get(self._actor.info.remote())["start_id"])
+
+    def pid(self) -> int:
+        """The actor's process (fault-injection tests kill it)."""
+        return ray.get(self._actor.info.remote())["pid"]
+
+    def put(self, batch_ref: ray.ObjectRef, timeout: float | None = None) -> str:
+        """Block while the queue is full (back-pressure); raise after `timeout` s. Returns the
+        start_id of the actor that holds the ref (pass it to `get` as `since`)."""
         if not isinstance(batch_ref, ray.ObjectRef):
             raise TypeError(f"the rollout queue holds ObjectRefs, got {type(batch_ref).__name__}; ray.put it first")
-        err = ray.get(self._actor.put.remote([batch_ref], timeout))
+        err, start_id = ray.get(self._actor.put.remote([batch_ref], timeout, True))
+        self._starts.saw(start_id)
         if err:
             raise RolloutQueueTimeout(err)
+        return start_id
 
     def put_async(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
         """Queue the put without waiting; `ray.get` the result to wait for space."""
         return self._actor.put.remote([batch_ref], None)
 
-    def get(self, timeout: float | None = None) -> ray.ObjectRef:
-        """The oldest batch's ObjectRef (not the batch: `ray.get` it where it is needed)."""
-        item, err = ray.get(self._actor.get.remote(timeout))
+    def get(self, timeout: float | None = None, since: str | None = None) -> ray.ObjectRef:
+        """The oldest batch's ObjectRef (not the batch: `ray.get` it where it is needed).
+        `since`: the start_id its `put` returned; a restart since raises `ChannelRestarted`."""
+        item, err, start_id = ray.get(self._actor.get.remote(timeout, since))
+        self._starts.saw(start_id)
+        if err == "restarted":
+            raise ChannelRestarted(f"the rollout queue actor restarted (start {since} -> {start_id}): "
+                                   "its batches are lost", start_id)
         if err:
             raise RolloutQueueTimeout(err)
         return item[0]
@@ -102,27 +181,36 @@ class RolloutQueue:
 
     def channel(self, name: str) -> "Channel":
         """A named message channel on this queue's actor."""
-        return Channel(self._actor, name)
+        return Channel(self._actor, name, self._starts)
 
     def shutdown(self) -> None:
-        ray.kill(self._actor)
+        ray.kill(self._actor)  # no_restart: gone for good
 
 
 class Channel:
     """One unbounded message channel of the queue actor, with the part of
     `ray.util.queue.Queue`'s interface the learners use; picklable. Messages may
-    hold ObjectRefs inside lists or dicts: Ray passes nested refs as refs."""
+    hold ObjectRefs inside lists or dicts: Ray passes nested refs as refs.
 
-    def __init__(self, actor, name: str):
+    `put` returns the start_id of the actor that holds the message; `get(since=…)`
+    raises `ChannelRestarted` if the actor restarted since that start (the message,
+    or its answer, may be lost)."""
+
+    def __init__(self, actor, name: str, starts: _Starts | None = None):
         self._actor, self.name = actor, name
+        self._starts = starts or _Starts()
 
-    def put(self, item) -> None:
-        ray.get(self._actor.send.remote(self.name, item))
+    def put(self, item) -> str:
+        return self._starts.saw(ray.get(self._actor.send.remote(self.name, item)))
 
-    def get(self, timeout: float | None = None):
+    def get(self, timeout: float | None = None, since: str | None = None):
         """The oldest message; raises queue.Empty after `timeout` s."""
-        item, ok = ray.get(self._actor.receive.remote(self.name, timeout))
-        if not ok:
+        item, status, start_id = ray.get(self._actor.receive.remote(self.name, timeout, since))
+        self._starts.saw(start_id)
+        if status == "restarted":
+            raise ChannelRestarted(f"the channel actor restarted (start {since} -> {start_id}): messages on "
+                                   f"{self.name!r} may be lost", start_id)
+        if status == "timeout":
             raise queue.Empty(f"no message on channel {self.name!r} within {timeout} s")
         return item
 

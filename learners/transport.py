@@ -22,6 +22,13 @@ results out, over two kinds of channel on the run's rollout-queue actor.
 - No polling: the controller blocks on the results channel; when `fit()`
   ends (the group gave up after its restarts), the thread that ran it posts a
   `fit_ended` result, which wakes the controller with the error.
+- The channel actor's restarts (actors/rollout_queue.py): a restarted actor is
+  empty, so the pending command, or its answer, may be lost. The controller
+  learns it from the start id the channel reports (a `get` waiting on the
+  actor's old start raises `ConnectionResetError`) and sends the same command
+  (same seq) again. Every rank remembers the last command it ran and what it
+  answered: the same seq again is answered again, never run twice, so no batch
+  is trained twice and no rank enters a collective the others skip.
 """
 
 from __future__ import annotations
@@ -97,12 +104,18 @@ def serve_commands(worker, commands, results, rank: int, world: int) -> None:
     ready = worker.ready()
     if rank == 0:
         results.put(Result(-1, incarnation, READY, ready))
+    last_seq, answer = -1, None  # the last command run here, and this rank's answer to it (None: no answer)
     while True:
         cmd: Command = commands.get()
         if cmd.incarnation != incarnation:
             continue  # sent to the group before a restart: the controller no longer waits for it
+        if cmd.seq <= last_seq:  # sent again: the channel actor restarted and may have lost the answer
+            if cmd.seq == last_seq and answer is not None:
+                results.put(answer)
+            continue
         if cmd.name == STOP:
             return
+        last_seq, answer = cmd.seq, None  # (the old answer's refs, e.g. to weights, are let go)
         try:
             value = getattr(worker, cmd.name)(**cmd.args)
         except Exception as e:
@@ -110,10 +123,11 @@ def serve_commands(worker, commands, results, rank: int, world: int) -> None:
                 raise  # this worker dies too and Ray Train restarts the group: the controller rolls back
             # Our own error: the controller stops the run with this traceback; the worker stays
             # alive to take the stop.
-            results.put(Result(cmd.seq, incarnation, cmd.name, error=traceback.format_exc(), rank=rank))
-            continue
-        if rank == 0:
-            results.put(Result(cmd.seq, incarnation, cmd.name, value))
+            answer = Result(cmd.seq, incarnation, cmd.name, error=traceback.format_exc(), rank=rank)
+        else:
+            answer = Result(cmd.seq, incarnation, cmd.name, value) if rank == 0 else None
+        if answer is not None:
+            results.put(answer)
 
 
 # ---------------------------------------------------------------- controller side
@@ -124,6 +138,7 @@ class CommandClient:
     def __init__(self, commands: list, results, timeout_s: float):
         self.commands, self.results, self.timeout_s = commands, results, timeout_s
         self.seq, self.incarnation = 0, ""
+        self.resent = 0  # commands sent again after the channel actor restarted
 
     def wait_ready(self) -> dict:
         """The announcement of a (re)started group; results of older incarnations are dropped."""
@@ -136,10 +151,16 @@ class CommandClient:
     def call(self, name: str, **args) -> dict:
         """Run `name` on every worker; the group's answer (rank 0's value)."""
         self.seq += 1
-        for channel in self.commands:
-            channel.put(Command(self.seq, self.incarnation, name, args))
+        cmd = Command(self.seq, self.incarnation, name, args)
+        since = self._send(cmd)
         while True:
-            r = self._next(f"the answer to {name!r}")
+            try:
+                r = self._next(f"the answer to {name!r}", since)
+            except ConnectionResetError as e:  # the channel actor restarted: the command or its answer may be lost
+                self.resent += 1
+                print(f"{e}; sending {name!r} (seq {cmd.seq}) again", flush=True)
+                since = self._send(cmd)
+                continue
             if r.name == READY:
                 self.incarnation = r.incarnation
                 raise LearnerGroupRestarted(f"the learner group restarted after a worker failure (during {name!r} "
@@ -154,9 +175,18 @@ class CommandClient:
         for channel in self.commands:
             channel.put(Command(self.seq + 1, self.incarnation, STOP))
 
-    def _next(self, what: str) -> Result:
+    def _send(self, cmd: Command) -> str | None:
+        """`cmd` to every rank; the start id of the channel actor that holds them all (None:
+        channels that report none). A restart between two puts sends them all again."""
+        while True:
+            starts = {channel.put(cmd) for channel in self.commands}
+            if len(starts) == 1:
+                return starts.pop()
+
+    def _next(self, what: str, since: str | None = None) -> Result:
         try:
-            r = self.results.get(timeout=self.timeout_s)
+            r = self.results.get(timeout=self.timeout_s) if since is None else \
+                self.results.get(timeout=self.timeout_s, since=since)
         except queue.Empty:
             raise TimeoutError(f"no word from the learner group in {self.timeout_s:.0f} s while waiting for {what}") from None
         if r.name == FIT_ENDED:

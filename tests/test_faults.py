@@ -1,9 +1,15 @@
 """Fault tolerance on a real local Ray cluster: actors and learner workers are
 killed during a tiny PPO run, and the run still ends with every iteration
-trained exactly once."""
+trained exactly once. The channel actor (rollout queue and learner commands) is
+killed at each moment where it holds something, and a few cells of the fault
+matrix (bench/bench_faults.py, whose code they run) go through a driver that is
+killed and resumed."""
 
 import os
 import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -167,3 +173,170 @@ def test_async_run_redoes_a_batch_whose_generator_died_while_learning(ray_cluste
     assert rows[2]["staleness"] == 0  # batch 2 redone after the sync, with version 2
     assert [r["restarts_generation_total"] for r in rows] == [0, 1, 1]
     assert all(r["samples"] == batch for r in rows)
+
+
+# ---------------------------------------------------------------- the channel actor restarts
+
+class Gate:
+    """A channel whose `get` waits until the gate is open: holds a reader back while the test
+    kills the channel actor under it."""
+
+    def __init__(self, channel):
+        self.channel, self.open = channel, threading.Event()
+        self.open.set()
+
+    def put(self, item):
+        return self.channel.put(item)
+
+    def get(self, *args, **kwargs):
+        self.open.wait()
+        return self.channel.get(*args, **kwargs)
+
+
+class CountingWorker:
+    """Runs `train` (blocking on `hold[iteration]` if set), and records every run."""
+
+    def __init__(self):
+        self.calls, self.hold, self.started = [], {}, threading.Event()
+
+    def ready(self):
+        return {"pids": [os.getpid()], "weights": [None]}
+
+    def train(self, iteration):
+        self.started.set()
+        if iteration in self.hold:
+            self.hold[iteration].wait(60)
+        self.calls.append(iteration)
+        return {"trained": iteration}
+
+
+def kill_channel_actor(queue) -> None:
+    """SIGKILL the queue actor's process; returns once its restarted successor answers."""
+    before = queue.start_id()
+    os.kill(queue.pid(), signal.SIGKILL)
+    while queue.start_id() == before:  # a call during the restart waits for the new actor
+        time.sleep(0.1)
+
+
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_channel_actor_restart_loses_no_command_and_runs_none_twice(ray_cluster):
+    """The queue actor SIGKILLed (1) with a command queued that no worker took, (2) with an answer
+    queued that the controller did not take, (3) while the worker runs the command: each time the
+    controller sends it again, and the worker answers it once and runs it once."""
+    from actors.rollout_queue import RolloutQueue
+    from learners.transport import CommandClient, serve_commands
+
+    queue = RolloutQueue(maxsize=2)
+    commands, results = Gate(queue.channel("learner-0-commands")), queue.channel("learner-results")
+    client_results = Gate(results)
+    worker = CountingWorker()
+    commands.open.clear()  # the worker announces itself, then waits at the gate
+    serving = threading.Thread(target=serve_commands, args=(worker, commands, results, 0, 1), daemon=True)
+    serving.start()
+    client = CommandClient([queue.channel("learner-0-commands")], client_results, timeout_s=120)
+    client.wait_ready()
+    calls = ThreadPoolExecutor(max_workers=1)
+    try:
+        # (1) the command is lost with the actor: no worker had taken it
+        answer = calls.submit(client.call, "train", iteration=1)
+        wait_until(lambda: not commands.channel.empty(), "the command to be queued")
+        kill_channel_actor(queue)
+        wait_until(lambda: client.resent == 1, "the command to be sent again")
+        commands.open.set()
+        assert answer.result(60) == {"trained": 1}
+
+        # (2) the answer is lost with the actor: the controller had not taken it
+        client_results.open.clear()
+        answer = calls.submit(client.call, "train", iteration=2)
+        wait_until(lambda: not results.empty(), "the answer to be queued")
+        kill_channel_actor(queue)
+        client_results.open.set()
+        assert answer.result(60) == {"trained": 2}  # answered again from the worker's memory
+        assert client.resent == 2
+
+        # (3) the actor dies while the worker runs the command (both ends wait on it, retried)
+        worker.hold[3], worker.started = threading.Event(), threading.Event()
+        answer = calls.submit(client.call, "train", iteration=3)
+        wait_until(worker.started.is_set, "the worker to start the command")
+        kill_channel_actor(queue)
+        wait_until(lambda: client.resent == 3, "the command to be sent again")
+        worker.hold[3].set()
+        assert answer.result(60) == {"trained": 3}
+        assert client.call("train", iteration=4) == {"trained": 4}  # the repeated answer to 3 is discarded
+        assert worker.calls == [1, 2, 3, 4]  # each run once
+        assert queue.restarts == 3
+        client.stop()
+        serving.join(30)
+        assert not serving.is_alive()
+    finally:
+        commands.open.set()
+        client_results.open.set()
+        calls.shutdown(wait=False)
+        queue.shutdown()
+
+
+def test_a_batch_lost_with_the_queue_actor_is_taken_from_the_producers_ref(ray_cluster):
+    import ray
+
+    from actors.rollout_queue import ChannelRestarted, RolloutQueue
+    from hh_ray.orchestration.rollouts import RolloutProducer
+
+    queue = RolloutQueue(maxsize=2)
+    try:
+        producer = object.__new__(RolloutProducer)  # only its queue side
+        producer.queue, producer.queued = queue, {}
+        for i in (0, 1):
+            ref = ray.put(f"batch-{i}")
+            producer.queued[i] = (ref, queue.put(ref))
+        assert ray.get(producer.take(0)) == "batch-0"  # through the queue
+        since = producer.queued[1][1]
+        kill_channel_actor(queue)
+        with pytest.raises(ChannelRestarted):
+            queue.get(timeout=5, since=since)
+        assert queue.qsize() == 0 and ray.get(producer.take(1)) == "batch-1"  # the producer's own ref
+        ref = ray.put("batch-2")
+        producer.queued[2] = (ref, queue.put(ref))
+        assert ray.get(producer.take(2)) == "batch-2" and queue.restarts == 1 and not producer.queued
+    finally:
+        queue.shutdown()
+
+
+# ---------------------------------------------------------------- cells of the fault matrix (bench/bench_faults.py)
+
+SUBSET = "generation@score@0,pm@generate@1,channel@score@1,channel@learn@2,driver@checkpoint@2"
+
+
+@pytest.fixture(scope="module")
+def matrix_subset(ray_cluster, tiny_pm, tmp_path_factory):
+    """One run of `hh-ray train-ppo` (a driver subprocess on the session's cluster) through the
+    fault matrix's code, with one kill per cell, each in its own phase: a generation worker as
+    iteration 0 starts scoring, the PM service as iteration 1 starts generating, the channel
+    actor once iteration 1's batch is queued (the entry is lost) and once iteration 2's train
+    command is sent (the command or its answer is lost), and the driver itself as iteration 2
+    starts its checkpoint; then `--resume`."""
+    from bench.bench_faults import Kill, run_cell
+
+    kills = [Kill.parse(k) for k in SUBSET.split(",")]
+    address = ray_cluster.get_runtime_context().gcs_address
+    return run_cell(kills, "sync", tiny_pm, tmp_path_factory.mktemp("matrix"), address)
+
+
+def test_fault_matrix_cells_lose_and_duplicate_no_rollout(matrix_subset):
+    r = matrix_subset
+    print({k: v for k, v in r.items() if k != "log_tail"})
+    assert r["exit_codes"] == [-signal.SIGKILL, 0], r.get("log_tail")  # the driver died, the resume ended
+    assert [k["component"] for k in r["killed"]] == ["generation", "pm", "channel", "channel", "driver"]
+    log = "\n".join(r["recovery"])
+    assert "taking batch 1 from the producer's own ref" in log and "sending 'train' (seq" in log
+    # step 3 was logged, then the driver died before its checkpoint: the resume redid it from step 2's
+    assert r["steps_logged"] == [1, 2, 3, 3, 4] and r["faults"] == ["resume"]
+    assert r["lost"] == 0 and r["duplicated"] == 0 and r["replaced"] == 0 and r["trained_batches"] == 4
+    # every restart in the metrics (a resumed run carries the counts of its checkpoint)
+    assert r["restarts"] == {"generation": 1, "pm": 1, "learner": 0, "channel": 2, "driver": 1}
+    assert r["recorded"] and r["survived"] and r["policy_written"]

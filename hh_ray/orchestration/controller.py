@@ -14,7 +14,11 @@ Failures: a dead generation actor or PM service is replaced and the batch
 produced again (same seeds, so the same samples). A learner group that Ray
 Train restarted, found at whatever phase (the next learner command, or weights
 lost in a sync), is rolled back with the generators to the last checkpoint,
-and the iterations since are run again.
+and the iterations since are run again. The channel actor (rollout queue and
+learner commands) comes back empty after a crash: the pending learner command
+is sent again and answered once (learners/transport.py), a lost queue entry is
+taken from the producer's own ref (rollouts.py). A killed driver is resumed
+with `--resume` from the last checkpoint (a `resume` row in ppo_fault).
 """
 
 from __future__ import annotations
@@ -115,14 +119,18 @@ class RLHFController:
             print(f"no checkpoint in {self.checkpoints}: starting from iteration 0")
         self.resumed_from = ckpt
         self.initial_state = {"iteration": 0, "policy_version": 0, "prompt_position": 0, "seed": cfg.seed,
-                              "restarts": {"generation": 0, "pm": 0, "learner": 0}}
+                              "restarts": {"generation": 0, "pm": 0, "learner": 0, "channel": 0, "driver": 0}}
         self.state = read_state(ckpt) if ckpt else dict(self.initial_state)
-        self.state.setdefault("restarts", dict(self.initial_state["restarts"]))
+        self.state["restarts"] = {**self.initial_state["restarts"], **self.state.get("restarts", {})}
         self.tracker = Tracker(self.run_dir, cfg, "ppo")
+        if ckpt:  # the driver (or the whole run) stopped after this checkpoint
+            self.state["restarts"]["driver"] += 1
+            self.tracker.log(self.state["iteration"], {"what": "resume", "checkpoint": str(ckpt)}, stage="ppo_fault")
         self.on_phase = None  # optional hook(phase, iteration), called as each phase starts (fault-injection tests)
 
         t0 = time.time()
         self.queue = RolloutQueue(maxsize=2)  # the batch being learned on, and the one made meanwhile (async)
+        self._channel_restarts = 0  # of self.queue's actor (it also carries the learners' commands), counted so far
         self.rollouts = RolloutProducer(cfg, self.policy_path, self.pm_path, self.tokenizer,
                                         PromptStream(train_prompts, cfg.seed), self.queue, self.state["restarts"],
                                         cfg.model.conversation_format)
@@ -168,7 +176,7 @@ class RLHFController:
         """One PPO iteration: rollouts of policy version i -> update -> version i+1 in the generators."""
         t_iter = time.time()
         produced = self.prefetch.take(i)            # draw prompts -> generate -> score -> rollout queue
-        batch_ref = self.queue.get(timeout=1800)
+        batch_ref = self.rollouts.take(i)
         self.prefetch.start(i + 1, self.cfg.ppo.iterations)  # async: batch i+1 from version i, meanwhile
         self.rollouts.drop_weights()
         self._phase("learn", i)
@@ -184,12 +192,16 @@ class RLHFController:
                                                   "time_iteration": time.time() - t_iter})
         self.tracker.log_samples(i + 1, samples)
         if (i + 1) % self.cfg.ppo.checkpoint_every == 0 or i + 1 == self.cfg.ppo.iterations:
+            self._phase("checkpoint", i)
             self.checkpoint()
         return row
 
     def log(self, step: int, produced: dict, learned: dict, times: dict) -> dict:
+        channel = self.queue.restarts - self._channel_restarts  # restarts of the channel actor seen since the last row
+        self._channel_restarts += channel
+        self.state["restarts"]["channel"] += channel
         row = {**produced, **learned, **times, "sqrt_kl": math.sqrt(max(0.0, learned["kl"])), "policy_version": step,
-               "samples_per_s": produced["samples"] / times["time_iteration"],
+               "samples_per_s": produced["samples"] / times["time_iteration"], "restarts_channel": channel,
                **{f"restarts_{k}_total": v for k, v in self.state["restarts"].items()}}
         self.tracker.log(step, row)
         print(f"[ppo {step}/{self.cfg.ppo.iterations}] PM reward {row['reward_pm']:+.4f}  KL {row['kl']:.4f}  "

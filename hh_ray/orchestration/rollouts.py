@@ -4,6 +4,8 @@ the generators. `Prefetch` makes the next batch while the learners train (async 
 
 All randomness is derived from (seed, iteration), so a batch produced again
 (after an actor died, or after a roll-back) holds the same prompts and samples.
+The producer keeps each batch's ref until the controller takes it (`take`): an
+entry lost with a restarted queue actor is taken from there, the batch itself.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from actors.generation import GenerationPool
 from actors.pm_service import start_pm_scorer
-from actors.rollout_queue import RolloutQueue
+from actors.rollout_queue import ChannelRestarted, RolloutQueue
 from hh_ray.config import Config, parse_resources
 from hh_ray.conversation import render_prompt
 from hh_ray.prompt_stream import PromptStream
@@ -59,6 +61,9 @@ class RolloutProducer:
         self.weights: tuple[int, object] = (0, None)
         self.fetch_weights = None
         self._lock = threading.Lock()  # weight sync vs. reviving a generator from the prefetch thread
+        # iteration -> (its batch's ref, start id of the queue actor that holds it), until taken:
+        # a batch whose queue entry a restarted queue actor lost is taken from here.
+        self.queued: dict[int, tuple[ray.ObjectRef, str]] = {}
 
     def _start_scorer(self):
         c = self.cfg
@@ -84,12 +89,9 @@ class RolloutProducer:
                 return {**self._produce(iteration, on_phase or (lambda *a: None)),
                         "restarts_generation": revived["generation"], "restarts_pm": revived["pm"]}
             except ray.exceptions.RayActorError as e:
-                version, ref = self.weights
-                if ref is None and version and may_fetch and self.fetch_weights is not None:
-                    self.weights = version, ref = version, self.fetch_weights()[0]
-                if attempt == self.cfg.ppo.max_actor_restarts or (ref is None and version):
-                    raise  # no weights to revive a generator with while the learners train: Prefetch redoes it
-                for k, v in self.revive(e).items():
+                if attempt == self.cfg.ppo.max_actor_restarts:
+                    raise
+                for k, v in self.replace_dead(e, may_fetch).items():
                     revived[k] += v
 
     def _produce(self, iteration: int, on_phase) -> dict:
@@ -112,7 +114,8 @@ class RolloutProducer:
         # at the token cap (ppo.truncation_penalty) so that ending the turn pays.
         batch.pm_score = scores - self.cfg.ppo.truncation_penalty * (~batch.ended).float()
         batch, dropped = drop_nonfinite(batch, self.cfg.ppo.num_learners)  # equal learner shards
-        self.queue.put(ray.put(batch))
+        ref = ray.put(batch)
+        self.queued[iteration] = (ref, self.queue.put(ref))
         kept = torch.isfinite(scores)
         return {"time_generate": t1 - t0, "time_score": t2 - t1, "dropped_nonfinite": dropped,
                 "reward_pm": float(scores[kept].mean()), "reward_pm_std": float(scores[kept].std()),
@@ -121,14 +124,35 @@ class RolloutProducer:
                 "tokens_generated": int(batch.response_lengths.sum()), "samples": len(batch),
                 "logged_samples": sample_rows(batch, self.cfg.ppo.log_samples, self.cfg.ppo.num_learners)}
 
+    def take(self, iteration: int) -> ray.ObjectRef:
+        """Batch `iteration`'s ref out of the queue. If the queue actor restarted since the batch
+        was put (its entry is lost), the ref kept here: the same samples, none lost or doubled."""
+        ref, since = self.queued.pop(iteration)
+        while True:
+            try:
+                got = self.queue.get(timeout=1800, since=since)
+            except ChannelRestarted as e:
+                print(f"{e}; taking batch {iteration} from the producer's own ref", flush=True)
+                return ref
+            if got == ref:
+                return ref
+            # a batch of an iteration abandoned before it was taken: dropped
+
     def score_heldout(self, prompts: list[str]) -> tuple[float, float]:
-        """(mean PM reward, mean response length) of one sample per prompt, the same seeds every time."""
+        """(mean PM reward, mean response length) of one sample per prompt, the same seeds every time;
+        a dead generation worker or PM service is replaced first, as in `produce`."""
         g = self.cfg.generation
         ids = self.prompt_ids(prompts)
-        batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
-                                   seed=derive_seed(self.cfg.seed, "heldout") % 2**31)
-        scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
-        return float(scores.mean()), float(batch.response_lengths.float().mean())
+        for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
+            try:
+                batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
+                                           seed=derive_seed(self.cfg.seed, "heldout") % 2**31)
+                scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
+                return float(scores.mean()), float(batch.response_lengths.float().mean())
+            except ray.exceptions.RayActorError as e:
+                if attempt == self.cfg.ppo.max_actor_restarts:
+                    raise
+                self.replace_dead(e, may_fetch=True)
 
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         """HH prompts as the policy reads them: rendered in its conversation format."""
@@ -136,6 +160,16 @@ class RolloutProducer:
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     # ---- faults and weights
+
+    def replace_dead(self, error: Exception, may_fetch: bool) -> dict:
+        """`revive` with the current weights, fetched from the learners if none are held and
+        `may_fetch` (they are idle); without them, `error` is raised (Prefetch redoes the batch)."""
+        version, ref = self.weights
+        if ref is None and version and may_fetch and self.fetch_weights is not None:
+            self.weights = version, ref = version, self.fetch_weights()[0]
+        if ref is None and version:
+            raise error  # no weights to revive a generator with while the learners train
+        return self.revive(error)
 
     def revive(self, error: Exception) -> dict:
         """Replace dead generation workers and a dead PM service; returns how many of each."""
@@ -192,6 +226,7 @@ class RolloutProducer:
 
     def drain(self) -> None:
         """Drop the queued batches (of iterations abandoned by a roll-back)."""
+        self.queued.clear()
         while self.queue.qsize():
             self.queue.get(timeout=60)
 
