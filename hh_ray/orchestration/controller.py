@@ -275,7 +275,9 @@ class RLHFController:
                          stage="ppo_fault")
 
     def shutdown(self) -> None:
-        for closer in (self.prefetch.shutdown, self.learners.shutdown, self.rollouts.shutdown, self.queue.shutdown):
+        # The actors first: a batch still being made (async mode) then fails at once instead of
+        # holding up the prefetch's shutdown (Ctrl-C has 10 s).
+        for closer in (self.rollouts.shutdown, self.prefetch.shutdown, self.learners.shutdown, self.queue.shutdown):
             try:
                 closer()
             except Exception as e:  # a failed clean-up must not hide the run's own error
