@@ -1,10 +1,19 @@
-"""Best-of-n (rejection sampling) with the PM: reward against the analytic KL.
+"""Best-of-n (rejection sampling) with the PM: reward against KL, given two ways.
 
 The paper compares RL with rejection sampling on the reward-vs-√KL axes
-(Bai et al. 2022, §4.3 and fig. 14): draw n samples from π₀, keep the one the
-PM scores highest. The resulting policy's KL from π₀ is known in closed form,
-KL(best-of-n ‖ π₀) = log n − (n − 1)/n, in nats per response, the same unit
-as the PPO runs' `kl` (summed over the response tokens).
+(Bai et al. 2022, §4.3 and Fig. 36): draw n samples from π₀, keep the one the
+PM scores highest. Its KL from π₀ is known without sampling, and is given
+here both ways, each labelled, in nats per response (the unit of the PPO
+runs' `kl`, summed over the response tokens):
+
+    kl_log_n  = log n                 the paper's value
+    kl_exact  = log n − (n − 1)/n     the closed form for best-of-n: exact when
+                                      no two samples of a prompt coincide, an
+                                      upper bound on the true KL otherwise
+
+The exact value is below the paper's by (n − 1)/n < 1 nat, which moves the
+best-of-n points left on the √KL axis, most at small n (n = 2: √0.69 = 0.83
+against √0.19 = 0.44), so the labels matter when best-of-n is set beside RL.
 
 The expected best-of-n reward is estimated from N ≥ n scored samples per
 prompt without drawing subsets at random: over all C(N, n) subsets, the i-th
@@ -24,10 +33,20 @@ import numpy as np
 from hh_ray.reward_kl import save_reward_axes
 
 
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n ‖ π₀) = log n − (n − 1)/n, in nats."""
+def _check_n(n: int) -> None:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+
+
+def best_of_n_kl_log_n(n: int) -> float:
+    """KL(best-of-n ‖ π₀) as the paper gives it: log n, in nats."""
+    _check_n(n)
+    return math.log(n)
+
+
+def best_of_n_kl_exact(n: int) -> float:
+    """KL(best-of-n ‖ π₀) = log n − (n − 1)/n, in nats: exact for distinct samples (not the paper's value)."""
+    _check_n(n)
     return math.log(n) - (n - 1) / n
 
 
@@ -46,30 +65,36 @@ def expected_best_of_n(scores: np.ndarray, n: int) -> float:
 
 
 def best_of_n_curve(scores: np.ndarray, ns: list[int] | None = None) -> list[dict]:
-    """One row per n (default 1, 2, 4, … up to N): n, analytic KL, √KL and expected PM reward."""
+    """One row per n (default 1, 2, 4, … up to N): n, the expected PM reward, and the KL both ways
+    (`kl_log_n`, the paper's; `kl_exact`) with their square roots."""
     big_n = np.asarray(scores).shape[1]
     ns = ns or [2 ** k for k in range(int(math.log2(big_n)) + 1)]
     rows = []
     for n in ns:
-        kl = best_of_n_kl(n)
-        rows.append({"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl), "reward_pm": expected_best_of_n(scores, n)})
+        kl_paper, kl_exact = best_of_n_kl_log_n(n), best_of_n_kl_exact(n)
+        rows.append({"n": n, "reward_pm": expected_best_of_n(scores, n), "kl_log_n": kl_paper,
+                     "kl_exact": kl_exact, "sqrt_kl_log_n": math.sqrt(kl_paper), "sqrt_kl_exact": math.sqrt(kl_exact)})
     return rows
 
 
 def plot_best_of_n(curve: list[dict], ppo_rows: list[dict], out) -> None:
-    """Best-of-n and the PPO run (if any) on the paper's axes: PM reward against √KL."""
+    """Best-of-n and the PPO run (if any) on the paper's axes: PM reward against √KL. Best-of-n is
+    drawn at both KLs, each labelled, since they differ most where the curves start."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot([r["sqrt_kl"] for r in curve], [r["reward_pm"] for r in curve], "s-", label="best-of-n (PM)")
+    y = [r["reward_pm"] for r in curve]
+    ax.plot([r["sqrt_kl_log_n"] for r in curve], y, "s-", label="best-of-n, KL = log n (paper)")
+    ax.plot([r["sqrt_kl_exact"] for r in curve], y, "s--", mfc="none",
+            label="best-of-n, KL = log n − (n−1)/n (exact)")
     for r in curve:
-        ax.annotate(f"n={r['n']}", (r["sqrt_kl"], r["reward_pm"]), fontsize=7, xytext=(3, -9),
+        ax.annotate(f"n={r['n']}", (r["sqrt_kl_log_n"], r["reward_pm"]), fontsize=7, xytext=(3, -9),
                     textcoords="offset points")
     pts = [(math.sqrt(max(0.0, r["kl"])), r["reward_pm"]) for r in ppo_rows if r.get("kl") is not None]
     if pts:
         x, y = zip(*pts)
-        ax.plot(x, y, "o-", ms=3, alpha=0.7, label="PPO iterations")
+        ax.plot(x, y, "o-", ms=3, alpha=0.7, label="PPO iterations (measured KL)")
     save_reward_axes(fig, ax, out, "RL vs rejection sampling")

@@ -6,6 +6,16 @@ is better ('a' or 'b', with an optional strength 1–3), or 'tie' / 'both_bad'.
 As in the paper, ties and "both bad" are kept in the database but are not
 training data: the export skips them.
 
+Preference strength (1 slightly, 2 clearly, 3 much better). The paper trains
+its PMs only on comparisons stronger than the weakest rating, so a person's
+"slightly better" (strength 1) is stored but not exported for training
+(counted as `weakest`); a label without a strength is kept, since the person
+did not say it was weak. This applies to labels from people only. A machine
+labeler's strength (labeler id "rule:…" or "pm:…", hh_ray/labelers.py) is a
+binning of its own score margin, not a rating: the kind-words rule is exact
+even at a one-word margin, and a judge PM near ½ rates every label 1, so
+dropping them would discard correct labels, or a whole online round.
+
 Why SQLite, and these settings:
 - WAL journal + `synchronous=FULL`: a commit returns only after the WAL is
   fsynced, so a label the server has acknowledged survives a killed server
@@ -35,6 +45,8 @@ from hh_ray.data import ASSISTANT, Comparison, DataError, split_pair
 CHOICES = ("a", "b", "tie", "both_bad")
 TRAINABLE = ("a", "b")        # ties and "both bad" are stored, never trained on (paper)
 STRENGTHS = (1, 2, 3)         # 1 slightly, 2 clearly, 3 much better
+WEAKEST = 1                   # a person's weakest preference: stored, not trained on (paper)
+MACHINE_LABELERS = ("rule:", "pm:")  # labeler-id prefixes of hh_ray/labelers.py; the page writes "page:"
 MAX_LABELER_CHARS = 100
 
 SCHEMA = """
@@ -128,6 +140,12 @@ def check_label(choice, strength, labeler) -> tuple[str, int | None, str]:
     if not isinstance(labeler, str) or not labeler.strip() or len(labeler) > MAX_LABELER_CHARS:
         raise InvalidInput(f"labeler must be a non-empty string of at most {MAX_LABELER_CHARS} characters")
     return choice, strength, labeler.strip()
+
+
+def weakest_preference(lp: LabeledPair) -> bool:
+    """True for a person's label of the weakest strength, which the PM does not train on (see the
+    module doc); a machine labeler's strength 1 is not a rating and does not count."""
+    return lp.strength == WEAKEST and not lp.labeler.startswith(MACHINE_LABELERS)
 
 
 def trainable(c: Comparison) -> bool:
@@ -264,12 +282,15 @@ class ComparisonStore:
     # ---- export
 
     def training_comparisons(self, rounds: tuple[int, int] | None = None) -> tuple[list[Comparison], dict]:
-        """(comparisons for the PM, counts of what was left out and why)."""
-        out, skipped = [], {"tie": 0, "both_bad": 0, "untrainable": 0}
+        """(comparisons for the PM, counts of what was left out and why): ties, "both bad", a
+        person's weakest preferences (`weakest`) and pairs the trainer could not read back."""
+        out, skipped = [], {"tie": 0, "both_bad": 0, "weakest": 0, "untrainable": 0}
         for lp in self.labeled_pairs(rounds):
             c = lp.to_comparison()
             if c is None:
                 skipped[lp.choice] += 1
+            elif weakest_preference(lp):
+                skipped["weakest"] += 1
             elif not trainable(c):
                 skipped["untrainable"] += 1
             else:

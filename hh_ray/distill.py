@@ -1,4 +1,4 @@
-"""Context distillation (Bai et al. 2022, §3.1; Askell et al. 2021) and SFT, as small functions.
+"""Context distillation (Bai et al. 2022, App. A.1; Askell et al. 2021) and SFT, as small functions.
 
 The teacher is the initial LM reading an HHH prompt C before each text x; the
 student is the same LM reading x alone. Training minimises

@@ -1,6 +1,6 @@
 """Elo ratings from pairwise comparisons, fitted by maximum likelihood.
 
-The paper reports models on an Elo scale (Bai et al. 2022, §3.4): a model
+The paper reports models on an Elo scale (Bai et al. 2022, §2.4 and App. B.5): a model
 rated ΔElo above another wins a comparison with probability
 1 / (1 + 10^(−ΔElo/400)). That is a Bradley–Terry model with strengths
 γ_i = 10^(Elo_i/400), so the maximum-likelihood ratings are the Bradley–Terry

@@ -1,4 +1,4 @@
-"""Reward vs sqrt(KL): the paper finds PM reward roughly linear in sqrt(KL(pi || pi0))."""
+"""Reward vs sqrt(KL): the paper finds PM reward roughly linear in sqrt(KL(pi || pi0)) (Bai et al. 2022, §4.3)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ def fit_linear(x: list[float], y: list[float]) -> tuple[float, float, float]:
 
 
 def plot_reward_vs_sqrt_kl(rows: list[dict], out: Path) -> Path | None:
-    """Scatter of PM reward against sqrt(KL) per iteration, with the linear fit."""
+    """Scatter of PM reward against sqrt(KL) per iteration, with the linear fit; None (no plot)
+    below two iterations, where there is no relation to show."""
     pts = [(math.sqrt(max(0.0, r["kl"])), r["reward_pm"]) for r in rows if r.get("kl") is not None]
-    if not pts:
+    if len(pts) < 2:
         return None
     import matplotlib
 
@@ -34,10 +35,9 @@ def plot_reward_vs_sqrt_kl(rows: list[dict], out: Path) -> Path | None:
     x, y = zip(*pts)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(x, y, "o-", ms=4, label="PPO iterations")
-    if len(pts) >= 2:
-        a, b, r2 = fit_linear(list(x), list(y))
-        xs = [min(x), max(x)]
-        ax.plot(xs, [a + b * v for v in xs], "--", label=f"fit: {a:.3f} + {b:.3f}·√KL (R²={r2:.2f})")
+    a, b, r2 = fit_linear(list(x), list(y))
+    xs = [min(x), max(x)]
+    ax.plot(xs, [a + b * v for v in xs], "--", label=f"fit: {a:.3f} + {b:.3f}·√KL (R²={r2:.2f})")
     save_reward_axes(fig, ax, out)
     return out
 

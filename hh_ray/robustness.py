@@ -1,10 +1,15 @@
-"""`hh-ray eval robustness`: train-PM vs test-PM (Bai et al. 2022, §4.5 "robustness").
+"""`hh-ray eval robustness`: train-PM vs test-PM (Bai et al. 2022, §4.2, "Robustness Experiments").
 
     split the training comparisons 50:50 (deterministic by seed)
     -> train one PM on each half: the *train PM* and the *test PM*
     -> PPO against the train PM only, a checkpoint every `ppo.checkpoint_every` iterations
     -> sample every checkpoint (and the initial policy) on held-out prompts, score with both PMs
     -> both curves against √KL; where they part is where PPO starts exploiting the train PM
+
+The paper's robustness runs used their own PPO settings: 2 PPO epochs per batch
+(its main runs 1, its online runs 4), 32-token responses and a linear learning-rate
+warm-up; `configs/robustness.yaml` ships them (ppo.epochs, generation.max_new_tokens,
+ppo.warmup_iterations).
 
 A PM's score is defined only up to a constant (the loss sees score
 differences), so the curves are compared as *gains over the initial policy*,

@@ -25,6 +25,9 @@ asks for it and sends it as a Bearer header):
                         -> {"pair_id", "responses": [text 1, text 2]}; the pair is stored
     POST /api/label     {"pair_id", "choice": "a"|"b"|"tie"|"both_bad", "strength"?: 1-3, "labeler"?}
                         -> 200 once the label is durable; 404 unknown pair, 409 already labeled
+Strength 1 ("slightly better") is stored like any label but, as in the paper, not
+trained on: the export keeps a person's preferences stronger than the weakest, and
+those without a strength (hh_ray/comparisons.py).
 """
 
 from __future__ import annotations

@@ -40,8 +40,24 @@ def test_bad_config_names_file_and_field(tmp_path, yaml_text, msg):
 
 
 def test_shipped_configs_load():
-    for name in ("tiny", "demo", "gpu-1node", "multinode"):
+    for name in ("tiny", "demo", "gpu-1node", "multinode", "online-tiny", "robustness"):
         load_config(ROOT / "configs" / f"{name}.yaml")
+
+
+def test_robustness_preset_has_the_papers_robustness_settings():
+    """configs/robustness.yaml: 2 PPO epochs, 32-token responses and a linear LR warm-up (§4.2),
+    otherwise the paper's PPO defaults; long enough, and checkpointed often enough, to draw curves."""
+    c = load_config(ROOT / "configs" / "robustness.yaml")
+    assert (c.ppo.epochs, c.generation.max_new_tokens) == (2, 32)
+    assert c.ppo.lr_schedule == "constant" and 0 < c.ppo.warmup_iterations < c.ppo.iterations
+    # the learner's LR multiplier: linear up over the warm-up, then constant
+    from hh_ray.ppo import lr_factor
+
+    w = c.ppo.warmup_iterations
+    factors = [lr_factor(i, c.ppo.iterations, c.ppo.lr_schedule, w) for i in range(c.ppo.iterations)]
+    assert factors[:w] == pytest.approx([(i + 1) / w for i in range(w)]) and set(factors[w:]) == {1.0}
+    assert (c.ppo.kl_coef, c.ppo.clip_eps, c.ppo.gamma, c.ppo.entropy_coef) == (0.001, 0.2, 1.0, 0.0)
+    assert c.ppo.iterations >= 40 and c.ppo.iterations // c.ppo.checkpoint_every >= 4
 
 
 def test_every_stage_has_help_with_defaults():

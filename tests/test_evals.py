@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from hh_ray.best_of_n import best_of_n_curve, best_of_n_kl, expected_best_of_n, max_weights
+from hh_ray.best_of_n import (best_of_n_curve, best_of_n_kl_exact, best_of_n_kl_log_n, expected_best_of_n,
+                              max_weights)
 from hh_ray.elo import elo_difference, fit_elo, log_likelihood, win_matrix, win_probability
 from hh_ray.ood import (OODDetector, auroc, diagonal_mahalanobis, fit_gaussian, fit_linear_probe, mahalanobis,
                         relative_mahalanobis)
@@ -64,12 +65,19 @@ def test_elo_finite_when_one_player_wins_everything():
 
 # ---------------------------------------------------------------- best-of-n
 
-def test_best_of_n_kl_by_hand():
-    assert best_of_n_kl(1) == 0.0
-    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.19315
-    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)  # 0.63629
-    with pytest.raises(ValueError):
-        best_of_n_kl(0)
+def test_best_of_n_kl_both_ways_by_hand():
+    # The paper's value, log n ...
+    assert best_of_n_kl_log_n(1) == 0.0
+    assert best_of_n_kl_log_n(2) == pytest.approx(0.69315, abs=1e-5)
+    assert best_of_n_kl_log_n(16) == pytest.approx(2.77259, abs=1e-5)
+    # ... and the closed form log n − (n−1)/n, below it by (n−1)/n.
+    assert best_of_n_kl_exact(1) == 0.0
+    assert best_of_n_kl_exact(2) == pytest.approx(0.19315, abs=1e-5)  # 0.69315 − 0.5
+    assert best_of_n_kl_exact(4) == pytest.approx(0.63629, abs=1e-5)  # 1.38629 − 0.75
+    assert best_of_n_kl_exact(16) == pytest.approx(1.83509, abs=1e-5)  # 2.77259 − 0.9375
+    for kl in (best_of_n_kl_log_n, best_of_n_kl_exact):
+        with pytest.raises(ValueError):
+            kl(0)
 
 
 def test_expected_best_of_n_by_hand():
@@ -89,7 +97,12 @@ def test_best_of_n_curve_matches_random_subsets():
     # Monte Carlo over random 4-subsets agrees with the exact estimate.
     mc = np.mean([s[p, rng.choice(8, 4, replace=False)].max() for _ in range(4000) for p in range(5)])
     assert curve[2]["reward_pm"] == pytest.approx(mc, abs=0.03)
-    assert curve[3]["sqrt_kl"] == pytest.approx(math.sqrt(math.log(8) - 7 / 8))
+    # Every row carries the KL both ways, labelled, and no unlabelled "kl".
+    assert curve[3]["kl_log_n"] == pytest.approx(math.log(8)) and curve[3]["sqrt_kl_log_n"] == pytest.approx(
+        math.sqrt(math.log(8)))
+    assert curve[3]["kl_exact"] == pytest.approx(math.log(8) - 7 / 8) and curve[3]["sqrt_kl_exact"] == pytest.approx(
+        math.sqrt(math.log(8) - 7 / 8))
+    assert all("kl" not in r and "sqrt_kl" not in r for r in curve)
 
 
 # ---------------------------------------------------------------- OOD
@@ -181,14 +194,71 @@ def test_report_shows_every_section(tmp_path):
     run = tmp_path / "run"
     _fake_run(run)
     page = write_report(run).read_text()
-    for section in ("config", "metrics", "reward-kl", "elo", "not-run"):
-        assert f'id="{section}"' in page
+    # results first, the curves after them, the config last and collapsed
+    order = [page.index(f'id="{section}"') for section in ("headline", "reward-kl", "elo", "metrics", "not-run",
+                                                             "config")]
+    assert order == sorted(order)
+    assert "<details><summary>config.yaml" in page and "<details open" not in page
     assert "kl_coef: 0.001" in page and "iter-5" in page and "PM as judge" in page
     # Fit on the exact line reward = 0.1 + 0.5·√KL
     assert re.search(r"<td>0\.1</td><td>0\.5</td><td>1</td>", page)
     # curves of the pm, ppo and ppo_eval stages, and reward vs √KL
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
     assert "best_of_n" in page.split('id="not-run"')[1]  # evaluations without data are named, not drawn
+
+
+def test_only_series_that_vary_are_curves():
+    from hh_ray.report import is_curve, stage_series
+
+    assert is_curve([1.0, 2.0]) and not is_curve([3.0]) and not is_curve([0.1, 0.1, 0.1]) and not is_curve([])
+    rows = [{"stage": "pm_finetune", "step": s, "global_step": s, "stage_step": s, "epoch": 0, "lr": 1e-5,
+             "loss": 0.7 - 0.1 * s, "seen_digest": "x"} for s in (1, 2, 3)]
+    curves, constants = stage_series(rows)
+    assert curves == {"loss": [(1, pytest.approx(0.6)), (2, pytest.approx(0.5)), (3, pytest.approx(0.4))]}
+    assert constants == {"epoch": 0, "lr": 1e-5}  # positions (global/stage step) and strings are neither
+    assert stage_series([{"stage": "pm_data", "step": 0, "train_pairs": 1800}]) == ({}, {"train_pairs": 1800})
+
+
+def test_headline_numbers_by_hand():
+    from hh_ray.report import headline_numbers
+
+    rows = [{"stage": "ppo", "step": s, "kl": 0.04 * s * s, "reward_pm": 0.1 + 0.5 * 0.2 * s} for s in range(1, 4)]
+    rows += [{"stage": "ppo_eval", "step": 0, "reward_pm_heldout": 0.25},
+             {"stage": "ppo_eval", "step": 3, "reward_pm_heldout": 0.75},
+             {"stage": "pm_eval", "step": 9, "accuracy": 0.6, "ece": 0.1}]
+    got = {r["result"]: r["value"] for r in headline_numbers(rows, None)}
+    assert got == pytest.approx({
+        "held-out PM reward, before PPO (π₀)": 0.25, "held-out PM reward, after PPO": 0.75,
+        "held-out PM reward, gain": 0.5, "PM held-out accuracy": 0.6, "PM expected calibration error (ECE)": 0.1,
+        "reward vs √KL: slope b": 0.5, "reward vs √KL: intercept a": 0.1, "reward vs √KL: R²": 1.0})
+    # pm_eval/pm_eval.json, when there, is the source (it says how many pairs)
+    from_json = headline_numbers(rows, {"n": 40, "accuracy": 0.7, "ece": 0.2})
+    assert [r["from"] for r in from_json if r["result"] == "PM held-out accuracy"] == [
+        "pm_eval/pm_eval.json (40 held-out pairs)"]
+    # one PPO iteration and no evaluation: nothing to fit, nothing before/after
+    assert headline_numbers([{"stage": "ppo", "step": 1, "kl": 0.1, "reward_pm": 0.2}], None) == []
+
+
+def test_few_samples_are_from_the_first_and_last_iteration():
+    from hh_ray.report import few_samples
+
+    samples = [{"step": s, "index": i} for s in (1, 2, 3) for i in range(4)]
+    assert [(r["step"], r["index"]) for r in few_samples(samples, 2)] == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    assert [(r["step"], r["index"]) for r in few_samples(samples[:4], 2)] == [(1, 0), (1, 1)]
+    assert few_samples([]) == []
+
+
+def test_report_of_one_ppo_iteration_plots_no_point(tmp_path):
+    from hh_ray.report import write_report
+    from hh_ray.reward_kl import plot_reward_vs_sqrt_kl
+
+    assert plot_reward_vs_sqrt_kl([{"kl": 0.5, "reward_pm": 0.1}], tmp_path / "p.png") is None
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"stage": "ppo", "step": 1, "kl": 0.5, "reward_pm": 0.1}) + "\n")
+    page = write_report(run).read_text()
+    assert "data:image/png" not in page and "a relation needs two or more" in page
+    assert "ppo</b>, not plotted (one value): kl = 0.5, reward_pm = 0.1" in page
 
 
 def test_report_cli(tmp_path, capsys):
@@ -229,6 +299,9 @@ def test_eval_commands_then_report(tiny_model, tiny_pm, tmp_path):
     assert main(["eval", "best-of-n", "--pm", tiny_pm, "--num-prompts", "3", "--n-max", "4", *common]) == 0
     bon = json.loads((run / "best_of_n" / "best_of_n.json").read_text())
     assert [r["n"] for r in bon["table"]] == [1, 2, 4]
+    assert [r["kl_log_n"] for r in bon["table"]] == pytest.approx([0, math.log(2), math.log(4)])
+    assert [r["kl_exact"] for r in bon["table"]] == pytest.approx([0, math.log(2) - 0.5, math.log(4) - 0.75])
+    assert "kl_log_n = log n (the paper's)" in bon["method"]
     rewards = [r["reward_pm"] for r in bon["table"]]
     assert rewards == sorted(rewards)  # the expected max of n samples cannot fall as n grows
 

@@ -52,7 +52,7 @@ def test_store_records_labels_and_exports_only_preferences(tmp_path):
     assert store.count_labels() == 4 and store.count_labels(choices=("a", "b")) == 2
 
     stats = store.export_jsonl(tmp_path / "out.jsonl")
-    assert stats == {"written": 2, "skipped": {"tie": 1, "both_bad": 1, "untrainable": 0}}
+    assert stats == {"written": 2, "skipped": {"tie": 1, "both_bad": 1, "weakest": 0, "untrainable": 0}}
     # The PM trainer's own reader gets the preferences back exactly; ties and "both bad" stay out.
     back = load_comparisons(str(tmp_path / "out.jsonl"))
     assert [(c.prompt, c.chosen, c.rejected) for c in back] == [(PROMPT, " sure 0.", " no 0."),
@@ -67,7 +67,25 @@ def test_store_export_skips_pairs_the_trainer_cannot_split(tmp_path):
     for i in (same, blank, ok):
         store.add_label(i, "a", "rule")
     assert store.export_jsonl(tmp_path / "out.jsonl") == {"written": 1, "skipped": {"tie": 0, "both_bad": 0,
-                                                                                      "untrainable": 2}}
+                                                                                      "weakest": 0, "untrainable": 2}}
+
+
+def test_a_persons_weakest_preference_is_stored_but_not_trained_on(tmp_path):
+    """The paper trains only on preferences stronger than the weakest: a person's "slightly
+    better" (strength 1) stays in the store and out of the export; no strength, or a stronger
+    one, is exported. A machine labeler's strength 1 bins its margin and is exported."""
+    store = ComparisonStore(tmp_path / "c.sqlite")
+    ids = [_pair(store, a=f" sure {i}.", b=f" no {i}.") for i in range(6)]
+    for pid, strength, labeler in zip(ids, (1, 2, 3, None, 1, 1),
+                                      ("page:ann", "page:ann", "bob", "page:cy", "rule:kind-words", "pm:/gold")):
+        store.add_label(pid, "a", labeler, strength=strength)
+
+    kept, skipped = store.training_comparisons()
+    assert [c.chosen for c in kept] == [" sure 1.", " sure 2.", " sure 3.", " sure 4.", " sure 5."]
+    assert skipped == {"tie": 0, "both_bad": 0, "weakest": 1, "untrainable": 0}
+    assert store.labeled_pairs()[0].strength == 1 and store.count_labels() == 6  # stored all the same
+    assert store.export_jsonl(tmp_path / "out.jsonl")["skipped"]["weakest"] == 1
+    assert len(load_comparisons(str(tmp_path / "out.jsonl"))) == 5
 
 
 def test_store_refuses_bad_labels_and_writes_nothing(tmp_path):

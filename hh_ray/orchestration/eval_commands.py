@@ -51,7 +51,8 @@ def eval_prompts(cfg: Config, num: int) -> list[str]:
 
 def eval_best_of_n(cfg: Config, run_dir: Path, args) -> int:
     """Sample N responses per held-out prompt from the initial policy, score with the PM, and plot
-    E[best of n] against √KL = √(log n − (n−1)/n) beside the run's PPO iterations."""
+    E[best of n] against √KL beside the run's PPO iterations, the KL given both ways
+    (`kl_log_n`: the paper's log n; `kl_exact`: log n − (n−1)/n; see hh_ray.best_of_n)."""
     from hh_ray.best_of_n import best_of_n_curve, plot_best_of_n
     from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, resolve_model
     from hh_ray.sampling import sample_responses, score_samples
@@ -68,12 +69,14 @@ def eval_best_of_n(cfg: Config, run_dir: Path, args) -> int:
     scores = score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len, fmt=pm_format(pm_dir))
     curve = best_of_n_curve(scores)
     results = {"method": f"{args.n_max} samples per prompt from π₀ ({policy}), scored by the PM ({pm_dir}); "
-                         "E[best of n] estimated exactly over all n-subsets; KL = log n − (n−1)/n (analytic).",
+                         "E[best of n] estimated exactly over all n-subsets; KL given two ways: kl_log_n = log n "
+                         "(the paper's) and kl_exact = log n − (n−1)/n (the closed form).",
                "num_prompts": len(prompts), "samples_per_prompt": args.n_max, "table": curve}
     folder = _save(run_dir, "best_of_n", results)
     plot_best_of_n(curve, read_metrics(run_dir, "ppo"), folder / "best_of_n.png")
     for r in curve:
-        print(f"n={r['n']:>3}  KL={r['kl']:.3f}  √KL={r['sqrt_kl']:.3f}  PM reward={r['reward_pm']:+.4f}")
+        print(f"n={r['n']:>3}  KL: log n={r['kl_log_n']:.3f} (paper), exact={r['kl_exact']:.3f}  "
+              f"PM reward={r['reward_pm']:+.4f}")
     print(f"saved to {folder}")
     return 0
 
