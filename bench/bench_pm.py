@@ -3,6 +3,10 @@ workers, and scoring pairs/s. Prints numbers; not a pass/fail test.
 
     .venv/bin/python bench/bench_pm.py                   # tiny random model, synthetic pairs
     .venv/bin/python bench/bench_pm.py --model smollm2   # SmolLM2-135M backbone
+    .venv/bin/python bench/bench_pm.py --real ../shared/data/hh-rlhf/harmless-base --pairs 160
+        # one process, SmolLM2 on real pairs: the two-transcript step (before) against the
+        # shared-prefix step, with and without length-grouped batches, fp32 and `auto`;
+        # the same pairs, seed and optimizer for each, then held-out accuracy of each
 
 Training throughput is the steady state seen by the driver: pairs trained
 between the second and the last step, over the wall time between them (worker
@@ -20,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hh_ray.runtime import processor_name  # noqa: E402
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -71,6 +77,85 @@ def bench_scoring(args) -> dict:
             "s_per_1000_pairs": dt / len(pairs) * 1000}
 
 
+def bench_real(args) -> None:
+    """s/pair of PM training steps on real HH pairs, side by side in one process."""
+    import functools
+    import random
+
+    import torch
+
+    from hh_ray.data import load_comparisons
+    from hh_ray.models import (autocast, encode_for_pm, load_scalar_head_model, packed_values, pm_group_rows,
+                               pm_scores, resolve_model, set_attention_for)
+    from hh_ray.packing import length_grouped, pack_groups, packed_length
+    from hh_ray.pm_eval import accuracy, comparison_groups, pairwise_loss, score_comparisons
+    from hh_ray.runtime import resolve_autocast
+    from learners.kit import adamw
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    max_len, batch, n_train = args.max_len or 256, args.batch_size or 16, args.pairs or 160
+    pairs = load_comparisons(args.real, split=args.split, skip_bad=True, skip_identical=True)
+    random.Random(0).shuffle(pairs)
+    train, held_out = pairs[:n_train], pairs[n_train: n_train + args.held_out]
+    path = resolve_model("smollm2")
+    _, tok = load_scalar_head_model(path)
+    groups = comparison_groups(train, tok, "hh")
+    rows = pm_group_rows(tok, groups, max_len)
+    lengths = [packed_length(r) for r in rows]
+    order = list(range(n_train))
+    random.Random(1).shuffle(order)
+    auto, why = resolve_autocast("auto")
+    print(f"real pairs: {len(train)} train, {len(held_out)} held out from {args.real} ({args.split}); "
+          f"max_len {max_len}, batch {batch}; {os.cpu_count()} CPUs ({processor_name()}); auto -> {auto} ({why})")
+
+    def two_transcript(model, ids, mixed):
+        texts = [groups[i][0] for i in ids] + [groups[i][1] for i in ids]
+        enc = encode_for_pm(tok, texts, max_len)  # each transcript cut on its own, as before
+        with mixed():
+            s = pm_scores(model, enc["input_ids"], enc["attention_mask"]).float()
+        return s[: len(ids)], s[len(ids):], int(enc["attention_mask"].numel())
+
+    def packed(model, ids, mixed):
+        b = pack_groups([rows[i] for i in ids], tok.pad_token_id)
+        with mixed():
+            v = packed_values(model, b).float()
+        return v[0::2], v[1::2], int(b.input_ids.numel())
+
+    modes = [("before: two transcripts, shuffled", two_transcript, False, "none"),
+             ("packed, shuffled", packed, False, "none"),
+             ("packed, length-grouped", packed, True, "none"),
+             (f"packed, length-grouped, auto={auto}", packed, True, auto)]
+    print(f"{'mode':44} {'s/pair':>7} {'speed-up':>8} {'tokens/pair':>11} {'held-out acc':>12} {'loss':>6}")
+    base = None
+    for name, step, grouped, mixed_kind in modes:
+        torch.manual_seed(0)
+        model, _ = load_scalar_head_model(path)
+        set_attention_for([model], mixed_kind, "cpu")
+        mixed = functools.partial(autocast, mixed_kind, "cpu")
+        opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        seq = length_grouped(order, lengths, batch, "bench") if grouped else order
+        model.train()
+        seconds, tokens, losses = 0.0, 0, []
+        for k in range(0, n_train - batch + 1, batch):
+            ids = seq[k: k + batch]
+            t0 = time.perf_counter()
+            r_c, r_r, width = step(model, ids, mixed)
+            loss = pairwise_loss(r_c, r_r)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - t0
+            tokens += width
+            losses.append(loss.item())
+        trained = (n_train // batch) * batch
+        acc = accuracy(*score_comparisons(model, tok, held_out, max_len)) if held_out else float("nan")
+        base = base or seconds / trained
+        print(f"{name:44} {seconds / trained:7.3f} {base / (seconds / trained):7.2f}x {tokens / trained:11.0f} "
+              f"{acc:12.3f} {statistics.mean(losses):6.3f}", flush=True)
+    print(f"load average during the run: {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(PRESETS), default="tiny")
@@ -78,7 +163,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=0, help="pairs per optimizer step (default per model)")
     ap.add_argument("--max-len", type=int, default=0, help="tokens per transcript (default per model)")
     ap.add_argument("--workers", default="1,2", help="learner worker counts to compare")
+    ap.add_argument("--real", default="", help="folder/file of real HH pairs: the in-process step comparison")
+    ap.add_argument("--split", default="test", help="split of --real to read")
+    ap.add_argument("--held-out", type=int, default=200, help="held-out pairs scored after each --real mode")
     args = ap.parse_args()
+    if args.real:
+        bench_real(args)
+        return
 
     from hh_ray.orchestration.cluster import ensure_ray
 

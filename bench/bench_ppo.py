@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_ppo.py [--iterations 3] [--prompts 16] [--new-tokens 64] [--modes sync,async]
 
-Modes: sync, async, fp32 (the learner settings of before), and the estimators / LoRA on the
+Modes: sync, async, sync-fp32 (sync without autocast), fp32 (the learner settings of before), and the estimators / LoRA on the
 same workload of --prompts sequences: ppo-lora (PPO + critic, LoRA r=16), grpo and rloo (4
 samples per prompt: --prompts/4 prompts x 4, no critic), grpo-lora and rloo-lora.
 
@@ -12,7 +12,9 @@ process it started: Ray's raylet/GCS, the actors, the learners), sampled every
 0.5 s. The first iteration includes warm-up and is reported separately; in async mode the last one
 is left out of "steady" too (nothing is left to generate while it learns). samples/s is the
 steady iterations' samples over their wall time.
-Targets on a 2-core machine: >= 0.55 samples/s, <= 12 GiB peak.
+Each mode also gets the model FLOPs of an iteration counted from the shapes
+(iteration_gflop) and the share of the machine's matmul speed, in the precision the
+run used, that each phase and the whole iteration reach.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 
 def process_name(p: psutil.Process) -> str:
@@ -109,10 +112,50 @@ FP32 = {"ppo.mode": "sync", "ppo.autocast": "none", "ppo.fuse_value_pass": False
 LORA = {"model.lora_rank": 16}
 GROUPS = {"generation.samples_per_prompt": 4}
 MODES = {"sync": {"ppo.mode": "sync"}, "async": {"ppo.mode": "async"}, "fp32": FP32,
+         "sync-fp32": {"ppo.mode": "sync", "ppo.autocast": "none"},
          "ppo-lora": LORA,
          "grpo": {**GROUPS, "ppo.advantage_estimator": "grpo"}, "rloo": {**GROUPS, "ppo.advantage_estimator": "rloo"},
          "grpo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "grpo"},
          "rloo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "rloo"}}
+
+
+def model_shape(path: str) -> dict:
+    """What the FLOP count needs: decoder parameters, layers, hidden size, vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    c = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    body = sum(p.numel() for n, p in model.model.named_parameters() if "embed_tokens" not in n)
+    return {"body": body, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size}
+
+
+def iteration_gflop(shape: dict, row: dict, epochs: int, critic: bool = True) -> dict[str, dict[str, float]]:
+    """Model GFLOP of one PPO iteration by phase and by the precision it runs in ('model':
+    model.dtype; 'autocast': ppo.autocast), from the shapes: a forward costs 2 x decoder
+    parameters per token, plus causal attention (4 x layers x hidden x half the sequence per
+    token) and the output layer (2 x hidden x vocab) where a token is predicted; a backward
+    twice the forward. Generation (vLLM, model.dtype): one forward over every prompt and
+    response token. Scoring: the PM's forward (autocast). No-grad passes: the reference
+    log-probs (model.dtype, so the KL is exact), the old log-probs and values (autocast).
+    Updates: policy and critic forward+backward per epoch. Padding is not counted."""
+    tokens, generated = row["tokens_sequences"], row["tokens_generated"]
+    seq = tokens / row["samples"]
+    per_token = 2 * shape["body"] + 4 * shape["layers"] * shape["hidden"] * seq / 2
+    head = 2 * shape["hidden"] * shape["vocab"] * generated
+    body = per_token * tokens
+    policy, value = (body + head) / 1e9, (body if critic else 0.0) / 1e9
+    return {"generate": {"model": policy}, "score": {"autocast": body / 1e9},
+            "no-grad passes": {"model": policy, "autocast": policy + value},
+            "updates": {"autocast": epochs * 3 * (policy + value)}}
+
+
+def limit_fractions(gflop: dict, seconds: dict, limits: dict) -> dict[str, float]:
+    """Per phase, and for the iteration (the sum over phases), the time the phase's FLOPs would
+    take at the machine's matmul speed in their precisions, over the time they took."""
+    ideal = {phase: sum(g / limits[kind] for kind, g in parts.items()) for phase, parts in gflop.items()}
+    out = {phase: ideal[phase] / seconds[phase] for phase in gflop}
+    out["iteration"] = sum(ideal.values()) / seconds["iteration"]
+    return out
 
 
 def steady_rows(rows: list[dict], mode: str) -> list[dict]:
@@ -149,13 +192,15 @@ def main() -> None:
     from hh_ray.orchestration.cluster import ensure_ray
     from hh_ray.config import load_config
     from hh_ray.orchestration.controller import train_ppo
+    from hh_ray.estimators import needs_critic
     from hh_ray.models import cache_root, resolve_model
     from hh_ray.tracking import read_metrics
 
     policy = resolve_model(args.model)
     pm = untrained_pm(policy, cache_root())
+    shape = model_shape(policy)
     ensure_ray()
-    results, breakdowns = {}, {}
+    results, breakdowns, autocasts = {}, {}, {}
     for mode in args.modes.split(","):
         cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml", {
             **MODES[mode],
@@ -170,7 +215,6 @@ def main() -> None:
             train_ppo(cfg, run_dir)
         rows = read_metrics(run_dir, "ppo")
         steady = steady_rows(rows, cfg.ppo.mode)
-        autocast = next(line for line in (run_dir / "config.yaml").read_text().splitlines() if "autocast" in line)
         results[mode] = {
             "samples/s (steady)": sum(r["samples"] for r in steady) / sum(r["time_iteration"] for r in steady),
             "s/iteration (steady)": statistics.mean(r["time_iteration"] for r in steady),
@@ -186,16 +230,34 @@ def main() -> None:
             "wall s (incl. start-up)": time.time() - t0,
             **speed,
         }
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        precision = {"model": saved["model"]["dtype"],
+                     "autocast": "bfloat16" if saved["ppo"]["autocast"] == "bfloat16" else saved["model"]["dtype"]}
+        limits = {kind: speed[f"machine {dtype} matmul GFLOP/s"] for kind, dtype in precision.items()}
+        per_row = [iteration_gflop(shape, r, cfg.ppo.epochs, needs_critic(cfg.ppo.advantage_estimator)) for r in steady]
+        gflop = {phase: {kind: statistics.mean(r[phase][kind] for r in per_row) for kind in parts}
+                 for phase, parts in per_row[0].items()}
+        res = results[mode]
+        seconds = {"generate": res["generate s"], "score": res["score s"], "no-grad passes": res["  no-grad passes s"],
+                   "updates": res["  updates s"], "iteration": res["s/iteration (steady)"]}
+        res["model GFLOP/iteration"] = sum(sum(parts.values()) for parts in gflop.values())
+        for phase, fraction in limit_fractions(gflop, seconds, limits).items():
+            res[f"% of matmul limit: {phase}"] = 100 * fraction
+        res["generated tokens/s"] = res["tokens/iteration"] / res["generate s"]
+        autocasts[mode] = saved["ppo"]["autocast"]
         breakdowns[mode] = mem.breakdown()
         shutil.rmtree(run_dir)  # its final checkpoint alone is ~4 GB
-    from bench_weight_sync import cpu_name  # bench/ is on sys.path: this script is run from there
+    from hh_ray.runtime import processor_name
 
     print(f"\nSmolLM2-135M PPO: {args.prompts} sequences x {args.new_tokens} new tokens, 1 epoch, 1 minibatch, "
-          f"{os.cpu_count()} CPUs ({cpu_name()}), {autocast.strip()}")
+          f"{os.cpu_count()} CPUs ({processor_name()}); ppo.autocast: "
+          + ", ".join(f"{m} {a}" for m, a in autocasts.items())
+          + "; the matmul limit of a phase is the machine's speed in the precision each of its passes runs in "
+            "(generation and the reference pass in model.dtype, the rest in ppo.autocast)")
     modes = list(results)
-    print(f"{'':32}" + "".join(f"{m:>12}" for m in modes))
-    for key in results[modes[0]]:
-        print(f"{key:32}" + "".join(f"{results[m][key]:>12.2f}" for m in modes))
+    print(f"{'':40}" + "".join(f"{m:>12}" for m in modes))
+    for key in dict.fromkeys(k for m in modes for k in results[m]):
+        print(f"{key:40}" + "".join(f"{results[m].get(key, float('nan')):>12.2f}" for m in modes))
     for m in modes:
         print(f"RSS at the peak, {m}: {breakdowns[m]}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from hh_ray.conversation import end_of_turn_token_ids, render_prompt, stop_strin
 from hh_ray.data import prompts_of, synthetic_comparisons  # noqa: E402
 from hh_ray.models import resolve_model  # noqa: E402
 from hh_ray.rollout import tokens_before_stop  # noqa: E402
-from hh_ray.runtime import set_torch_threads  # noqa: E402
+from hh_ray.runtime import processor_name, set_torch_threads  # noqa: E402
 
 MADE_UP = ("Human:", "Assistant:", "<|im_start|>")
 
@@ -60,15 +59,6 @@ def run(llm, tok, prompts, mode: str, max_new: int, seed: int) -> dict:
             "made_up_turns": made_up, "responses": len(outs), "seconds": dt}
 
 
-def cpu_name() -> str:
-    """The processor this ran on, and whether it has bf16 matmul units (the speeds differ by machine)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
-    return f"{name} ({', '.join(flags) or 'no bf16 units'})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
@@ -81,7 +71,7 @@ def main() -> None:
     llm = make_llm(path, GenerationConfig(kv_cache_gib=0.5, cpus_per_worker=args.cpus), 192 + args.max_new_tokens)
     tok = llm.get_tokenizer()
     prompts = prompts_of(synthetic_comparisons(600, seed=args.seed))[: args.prompts]
-    print(f"processor: {cpu_name()}; SmolLM2-135M-Instruct; {len(prompts)} synthetic "
+    print(f"processor: {processor_name()}; SmolLM2-135M-Instruct; {len(prompts)} synthetic "
           f"prompts; max_new_tokens {args.max_new_tokens}; temperature 1.0")
     print(f"{'mode':>7} {'ended_fraction':>15} {'mean length':>12} {'made-up turns':>14} {'seconds':>8}")
     for mode in ("before", "hh", "chat"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,12 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+from hh_ray.runtime import processor_name  # noqa: E402
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -63,7 +57,7 @@ def main() -> None:
     state = model.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
     print(f"SmolLM2-135M fp32, {nbytes / 2**20:.0f} MiB of distinct tensors, {args.workers} engine(s), "
-          f"{os.cpu_count()} CPUs ({cpu_name()}); load average {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPUs ({processor_name()}); load average {os.getloadavg()[0]:.1f}")
     ray.init(num_cpus=max(4, args.workers + 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HH_RAY_CACHE": os.environ.get("HH_RAY_CACHE", "")}})
     cfg = GenerationConfig(num_workers=args.workers, cpus_per_worker=1, kv_cache_gib=0.5, weight_sync="broadcast")

@@ -65,6 +65,7 @@ class TrainerConfig:
     num_workers: int = doc(1, "Ray Train learner workers (DDP).")
     checkpoint_every: int = doc(50, "Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = doc(3, "Keep the newest N checkpoints, deleting older ones after each save (a corrupt newest one is skipped for the one before on resume); 0 = keep all.")
+    autocast: str = doc("auto", "Mixed precision of the forward/backward passes, as ppo.autocast: 'auto' (bf16 only where the device runs bf16 matmuls at least as fast as fp32; printed and written to config.yaml), 'bfloat16' or 'none'. Weights and optimizer states stay in model.dtype.")
 
 
 @dataclass
@@ -76,6 +77,7 @@ class PMConfig(TrainerConfig):
     pmp_lr: float = doc(1e-4, "PMP learning rate (paper: 0.1x the pretraining LR).")
     cpus_per_worker: int = doc(1, "CPUs per learner worker; Ray sets its torch threads (OMP_NUM_THREADS) from it.")
     strategy: str = doc("ddp", "'ddp' or 'fsdp'.")
+    group_by_length: bool = doc(True, "Batches of comparisons of like length (less padding): each run of 32 batches of an epoch's shuffled order is sorted by length, cut into batches, and those batches shuffled.")
 
 
 @dataclass
@@ -109,7 +111,7 @@ class PPOConfig:
     value_coef: float = doc(0.5, "Weight of the value loss.")
     loss_agg: str = doc("token_mean", "'token_mean' (mean over all response tokens) or 'seq_mean' (mean per sequence, then over sequences).")
     whiten_advantages: bool = doc(True, "Normalise advantages to zero mean, unit std per batch.")
-    epochs: int = doc(1, "PPO epochs per rollout batch (paper: 1 main, 2/4 online).")
+    epochs: int = doc(1, "PPO epochs per rollout batch (paper: 1 in the main runs, 2 in the robustness runs, 4 in the online runs).")
     rollout_batch_size: int = doc(64, "Prompts per iteration (one response per prompt).")
     minibatch_size: int = doc(16, "Samples per optimizer step, summed over workers.")
     micro_batch_size: int = doc(4, "Samples per forward/backward on one worker.")
@@ -219,6 +221,9 @@ CHOICES = {
     "ppo.critic_init": ("pm", "policy"),
     "ppo.mode": ("sync", "async"),
     "ppo.autocast": ("none", "bfloat16", "auto"),
+    "pm.autocast": ("none", "bfloat16", "auto"),
+    "sft.autocast": ("none", "bfloat16", "auto"),
+    "distill.autocast": ("none", "bfloat16", "auto"),
     "tracking.wandb": ("auto", "online", "offline", "disabled"),
     "distill.teacher": ("cached", "online"),
     "online.collector": ("labeler", "page"),
@@ -418,8 +423,9 @@ def validate(cfg: Config) -> None:
 # epoch counts, workers, micro-batches and the rest may change. A trailing '.*': the section.
 RESUME_FIELDS = {
     "ppo": ("seed", "model.policy", "model.pm", "data.*", "ppo.rollout_batch_size", "ppo.minibatch_size",
-            "generation.samples_per_prompt", "ppo.advantage_estimator"),
-    "pm": ("seed", "model.policy", "model.pm", "data.*", "pm.batch_size", "pm.pmp_source"),
+            "generation.samples_per_prompt", "ppo.advantage_estimator", "model.lora_rank"),
+    "pm": ("seed", "model.policy", "model.pm", "data.*", "pm.batch_size", "pm.pmp_source", "model.lora_rank",
+           "pm.group_by_length"),
     "distill": ("seed", "model.policy", "data.*", "distill.batch_size", "distill.corpus", "distill.num_texts",
                 "distill.prompt_file", "distill.max_prompt_tokens"),
     "sft": ("seed", "model.policy", "data.*", "sft.batch_size"),

@@ -251,11 +251,16 @@ def response_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return lm.get_output_embeddings()(hidden[:, :-1][positions[:, 1:].bool()])
 
 
-def encode_for_pm(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-    """Tokenise transcripts, append the end-of-context token, truncate from the left
-    (keeping the end of the conversation and the token), right-pad with the PM pad."""
+def pm_token_rows(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """Each transcript's tokens as the PM reads them: the end-of-context token appended,
+    truncated from the left (keeping the end of the conversation and the token)."""
     eoc = tokenizer.convert_tokens_to_ids(END_OF_CONTEXT)
-    rows = [ids[-(max_len - 1):] + [eoc] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [ids[-(max_len - 1):] + [eoc] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def encode_for_pm(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    """pm_token_rows, right-padded with the PM pad."""
+    rows = pm_token_rows(tokenizer, texts, max_len)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -263,6 +268,79 @@ def encode_for_pm(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def packed_values(model, batch) -> torch.Tensor:
+    """The scalar head's value at the last token of every transcript of a
+    hh_ray.packing.PackedBatch, [N], in the batch's order.
+
+    The model is called as a whole (so a DDP/FSDP wrapper sees its forward); the head's
+    output at every position is taken from a forward hook, since the model itself
+    pools only one position per row."""
+    hf = getattr(model, "module", model)
+    _, head = backbone_and_head(hf)
+    allowed = batch.allowed()[:, None]
+    attn = hf.config._attn_implementation
+    if attn == "eager":  # eager adds the mask to the scores
+        dtype = next(hf.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    elif attn == "sdpa":
+        mask = allowed
+    else:
+        raise ModelError(f"packed PM scoring needs sdpa or eager attention, not {attn!r}")
+    device = next(hf.parameters()).device
+    seen = []
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        model(input_ids=batch.input_ids.to(device), attention_mask=mask.to(device),
+              position_ids=batch.position_ids.to(device))
+    finally:
+        handle.remove()
+    values = seen[-1].squeeze(-1)
+    rows, cols = batch.read_at.to(device).unbind(1)
+    return values[rows, cols]
+
+
+def pm_group_rows(tokenizer, groups: list[list[str]], max_len: int) -> list[list[list[int]]]:
+    """pm_token_rows for groups of transcripts that share a context (a comparison's two,
+    one prompt's samples), the shared context cut once for the group
+    (hh_ray.packing.truncate_group)."""
+    from hh_ray.packing import truncate_group
+
+    flat = pm_token_rows(tokenizer, [t for g in groups for t in g], 10**9)
+    out, i = [], 0
+    for g in groups:
+        out.append(truncate_group(flat[i: i + len(g)], max_len))
+        i += len(g)
+    return out
+
+
+@torch.no_grad()
+def pm_group_scores(model, tokenizer, groups: list[list[str]], max_len: int, batch_size: int = 16,
+                    mixed: str = "none") -> list[list[float]]:
+    """PM score of every transcript of every group, each group packed in one row
+    (hh_ray.packing); groups of like length scored together, batch_size transcripts
+    at a time. `mixed` is the autocast ('none' / 'bfloat16')."""
+    from hh_ray.packing import pack_groups, packed_length
+
+    rows = pm_group_rows(tokenizer, groups, max_len)
+    order = sorted(range(len(rows)), key=lambda g: packed_length(rows[g]))
+    device = next(model.parameters()).device
+    scores: list[list[float]] = [[] for _ in rows]
+    start = 0
+    while start < len(order):
+        end, n = start, 0
+        while end < len(order) and (n == 0 or n + len(rows[order[end]]) <= batch_size):
+            n += len(rows[order[end]])
+            end += 1
+        batch = order[start:end]
+        with autocast(mixed, device.type):
+            values = packed_values(model, pack_groups([rows[g] for g in batch], tokenizer.pad_token_id))
+        flat = values.float().cpu().tolist()
+        for g in batch:
+            scores[g], flat = flat[: len(rows[g])], flat[len(rows[g]):]
+        start = end
+    return scores
 
 
 def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -280,6 +358,16 @@ def autocast(kind: str, device_type: str):
     if kind == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def set_attention_for(models, kind: str, device_type: str) -> None:
+    """Attention kernels that follow the resolved precision: torch's fused CPU attention has a
+    slow bf16 backward (1.7 s of a 10 s policy forward+backward, SmolLM2, 16 x 150 tokens), and
+    eager attention (bmm, fp32 softmax) made that forward+backward 19% faster; in fp32, and on
+    GPUs, sdpa is the faster, so it stays."""
+    if kind == "bfloat16" and device_type == "cpu":
+        for m in models:
+            m.set_attn_implementation("eager")
 
 
 def store_linear_weights_in_bf16(model) -> None:

@@ -4,7 +4,7 @@ No Ray here: the learner (learners/pm_learner.py) and `hh-ray eval pm` both
 use these functions, and they are tested with hand-computed numbers.
 
 The PM predicts P(chosen ≻ rejected) = σ(r_chosen − r_rejected) (Bai et al.
-2022, §4). Every human label says "chosen wins", so calibration is measured on
+2022, §3 and App. A.2). Every human label says "chosen wins", so calibration is measured on
 both orderings of each pair: (p, won) and (1 − p, lost). Without that
 mirroring every bin's observed frequency would be 1 and the diagram would say
 nothing.
@@ -101,29 +101,22 @@ def pm_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, turns: list[int
 
 # ---------------------------------------------------------------- scoring
 
-def comparison_texts(comparisons: list[Comparison], tok, fmt: str) -> list[str]:
-    """Every chosen transcript, then every rejected one, rendered in the PM's conversation format."""
-    return ([render_transcript(c.prompt, c.chosen, tok, fmt) for c in comparisons]
-            + [render_transcript(c.prompt, c.rejected, tok, fmt) for c in comparisons])
+def comparison_groups(comparisons: list[Comparison], tok, fmt: str) -> list[list[str]]:
+    """[chosen, rejected] transcript of each comparison, rendered in the PM's conversation format."""
+    return [[render_transcript(c.prompt, c.chosen, tok, fmt), render_transcript(c.prompt, c.rejected, tok, fmt)]
+            for c in comparisons]
 
 
-@torch.no_grad()
 def score_comparisons(model, tok, comparisons: list[Comparison], max_len: int, batch_size: int = 16,
-                      fmt: str = "hh") -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected) for every comparison, the score read at the end-of-context token."""
-    from hh_ray.models import encode_for_pm, pm_scores
+                      fmt: str = "hh", mixed: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) for every comparison, the score read at the end-of-context token;
+    the two transcripts of a comparison share their context in one packed row."""
+    from hh_ray.models import pm_group_scores
 
     model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(comparisons), batch_size):
-        batch = comparisons[i: i + batch_size]
-        # One forward for both sides: half the Python overhead, same numbers.
-        enc = encode_for_pm(tok, comparison_texts(batch, tok, fmt), max_len)
-        device = next(model.parameters()).device
-        scores = pm_scores(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
-        chosen.append(scores[: len(batch)])
-        rejected.append(scores[len(batch):])
-    return torch.cat(chosen), torch.cat(rejected)
+    scores = torch.tensor(pm_group_scores(model, tok, comparison_groups(comparisons, tok, fmt), max_len,
+                                          batch_size, mixed)).reshape(-1, 2)
+    return scores[:, 0], scores[:, 1]
 
 
 # ---------------------------------------------------------------- which comparisons

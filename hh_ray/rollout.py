@@ -126,13 +126,24 @@ def drop_nonfinite(batch: RolloutBatch, multiple: int = 1) -> tuple[RolloutBatch
     """Rows with a NaN/inf PM score or behaviour log-prob removed, and how many rows were dropped in all.
     One such sample would poison the whole update (NaN advantages after whitening).
 
-    `multiple`: the number of learners, which shard the batch row by row. After a drop the
-    fewest more rows (the last kept ones) go too, so that it still divides by it: every
+    Whole groups go (a prompt's samples_per_prompt responses: a critic-free baseline needs all
+    of them), and `multiple`, the number of learners, which deal the batch out group by group
+    (RolloutBatch.shard_rows): after a drop the fewest more groups (the last kept ones) go too,
+    so that their count still divides by it, and the groups are numbered again from 0. Every
     learner then gets as many rows, hence as many minibatch and micro-batch steps (unequal
     shards would leave one rank waiting in a collective the others never join: a DDP hang).
     """
     ok = torch.isfinite(batch.pm_score) & torch.isfinite(batch.behaviour_logprobs).all(1)
-    keep = ok.nonzero().squeeze(1)
-    keep = keep[: len(keep) - len(keep) % max(1, multiple)]
+    groups = batch.groups()
+    bad = set(groups[~ok].tolist())
+    kept = [g for g in dict.fromkeys(groups.tolist()) if g not in bad]
+    kept = kept[: len(kept) - len(kept) % max(1, multiple)]
+    renumber = {g: i for i, g in enumerate(kept)}
+    keep = [i for i, g in enumerate(groups.tolist()) if g in renumber]
     dropped = len(batch) - len(keep)
-    return (batch.select(keep) if dropped else batch), dropped
+    if not dropped:
+        return batch, 0
+    out = batch.select(keep)
+    if out.group is not None:
+        out.group = torch.tensor([renumber[g] for g in groups[keep].tolist()], dtype=batch.group.dtype)
+    return out, dropped

@@ -91,6 +91,30 @@ def resolve_autocast(value: str, cache_dir: str = "") -> tuple[str, str]:
     return ("bfloat16" if bf16 <= fp32 else "none"), why
 
 
+def with_resolved_autocast(cfg, key: str):
+    """cfg with the autocast setting at `key` ('ppo.autocast', 'pm.autocast', ...) resolved,
+    the choice and its reason printed; config.yaml then records what the run used."""
+    from hh_ray.config import with_value
+
+    section, name = key.split(".")
+    value, why = resolve_autocast(getattr(getattr(cfg, section), name), cfg.model.cache_dir)
+    print(f"{key}={value} ({why})", flush=True)
+    return with_value(cfg, key, value)
+
+
+def processor_name() -> str:
+    """The processor this runs on, and whether it has bf16 matmul units: speeds differ by
+    machine, so every benchmark names it."""
+    import platform
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info.split()]
+    return f"{name} ({', '.join(flags) or 'no bf16 units'})"
+
+
 def cpu_matmul_seconds(cache_dir: str = "") -> tuple[float, float]:
     """(fp32, bf16) seconds of one 512x512 matmul on this processor, measured once per processor."""
     import json

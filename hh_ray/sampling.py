@@ -48,21 +48,12 @@ def sample_responses(model, tokenizer, prompts: list[str], n: int, max_new_token
     return out
 
 
-@torch.no_grad()
-def pm_score_texts(pm, pm_tokenizer, texts: list[str], max_len: int, batch_size: int = 16) -> np.ndarray:
-    """PM score of each full transcript (prompt + response), read at the end-of-context token."""
-    from hh_ray.models import encode_for_pm, pm_scores
-
-    pm.eval()
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = encode_for_pm(pm_tokenizer, texts[i: i + batch_size], max_len)
-        scores.append(pm_scores(pm, enc["input_ids"], enc["attention_mask"]).float().numpy())
-    return np.concatenate(scores)
-
-
 def score_samples(pm, pm_tokenizer, prompts: list[str], responses: list[list[str]], max_len: int,
                   fmt: str = "hh") -> np.ndarray:
-    """[prompts, n] PM scores of sampled responses, rendered in the PM's conversation format."""
-    flat = [render_transcript(p, r, pm_tokenizer, fmt) for p, rs in zip(prompts, responses) for r in rs]
-    return pm_score_texts(pm, pm_tokenizer, flat, max_len).reshape(len(prompts), -1)
+    """[prompts, n] PM scores of sampled responses, rendered in the PM's conversation format;
+    one prompt's n responses share its context in one packed row."""
+    from hh_ray.models import pm_group_scores
+
+    pm.eval()
+    groups = [[render_transcript(p, r, pm_tokenizer, fmt) for r in rs] for p, rs in zip(prompts, responses)]
+    return np.array(pm_group_scores(pm, pm_tokenizer, groups, max_len), dtype=np.float32).reshape(len(prompts), -1)

@@ -1,6 +1,6 @@
 """Policy initialisation on a Ray Train learner group: context distillation or SFT.
 
-The paper's RL starts from a context-distilled LM (Bai et al. 2022, §3.1): the
+The paper's RL starts from a context-distilled LM (Bai et al. 2022, App. A.1): the
 student (the LM alone) learns to match the teacher (the same LM reading an
 HHH prompt first) under KL over the teacher's top-k tokens plus an
 "everything else" bucket (hh_ray.distill). SFT is the plain alternative:
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from hh_ray.checkpoint import latest_checkpoint, read_state
+from hh_ray.runtime import with_resolved_autocast
 from hh_ray.config import Config, with_value
 from hh_ray.conversation import model_format
 from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, loss_mask, loss_tokens,
@@ -84,12 +85,18 @@ def evaluate(model, examples, ex_ids, pad_id, targets, micro, rank, world, devic
     return total / max(tokens, 1.0)
 
 
-def train_step(model, opt, examples, micro_batches, pad_id, targets, global_tokens, world, device) -> float:
-    """One optimizer step on this worker's micro-batches; returns this worker's summed token loss."""
+def train_step(model, opt, examples, micro_batches, pad_id, targets, global_tokens, world, device,
+               mixed: str = "none") -> float:
+    """One optimizer step on this worker's micro-batches; returns this worker's summed token loss.
+    `mixed`: the autocast of the forward passes (distill.autocast / sft.autocast)."""
+    from hh_ray.models import autocast
+
     loss_sum = 0.0
     for k, ex_ids in enumerate(micro_batches):
         with no_sync_unless(model, sync=k == len(micro_batches) - 1):  # all-reduce once per step
-            s, _ = batch_loss(model, examples, ex_ids, pad_id, targets, device)
+            with autocast(mixed, device.type):
+                s, _ = batch_loss(model, examples, ex_ids, pad_id, targets, device)
+            s = s.float()
             # DDP averages gradients over workers: scaling by world / global tokens
             # makes the step's gradient that of the mean over all trained tokens.
             (s * world / global_tokens).backward()
@@ -170,7 +177,7 @@ def train_epochs(model, opt, examples, n_train: int, targets, pos: dict, config:
             # Every worker knows the whole step's token count: no collective needed to normalise.
             global_tokens = sum(loss_tokens(examples[i]) for i in ids)
             loss_sum = train_step(model, opt, examples, worker_micro_batches(ids, w.rank, w.world, s.grad_accum),
-                                  w.pad_id, targets, global_tokens, w.world, w.device)
+                                  w.pad_id, targets, global_tokens, w.world, w.device, s.autocast)
             (loss_sum,) = all_reduce_sum([loss_sum])
             dt = time.perf_counter() - t0
             pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
@@ -197,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from hh_ray.models import load_policy, load_tokenizer, save_model
+    from hh_ray.models import load_policy, load_tokenizer, save_model, set_attention_for
 
     cfg, ctx = config["cfg"], ray.train.get_context()
     torch.manual_seed(cfg.seed)
@@ -213,6 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The teacher is the *initial* model: targets come before any checkpoint is loaded.
     targets = make_targets(model, config, examples, w)
     model.config.use_cache = False  # the student never decodes; no key/value copies
+    set_attention_for([model], s.autocast, w.device.type)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     resume, pos = resume_point(Path(config["checkpoint_root"]))
@@ -370,6 +378,7 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
     if s.eval_texts:
         held_out = held_out[: s.eval_texts]
     check_settings(cfg, stage, s, len(train), prompt_ids, init_path)
+    cfg = with_resolved_autocast(cfg, f"{stage}.autocast")
     teacher_cache, meta, valid = prepare_teacher_cache(cfg, stage, run_dir, init_path, prompt_ids, train + held_out)
     print(f"{stage}: {len(train)} training and {len(held_out)} held-out sequences from {init_path}; {info}"
           + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))

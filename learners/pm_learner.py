@@ -1,4 +1,4 @@
-"""Preference-model training on a Ray Train learner group (Bai et al. 2022, §4).
+"""Preference-model training on a Ray Train learner group (Bai et al. 2022, §3 and App. A.2).
 
 One `TorchTrainer` runs every stage: the optional PM pretraining (PMP) on a
 generic comparison set at `pm.pmp_lr`, then finetuning on HH comparisons at
@@ -26,6 +26,7 @@ here, 10× a tiny-model step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -39,6 +40,8 @@ from hh_ray.config import with_value
 from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import DataError, load_comparisons
 from hh_ray.lora import add_lora, hf_state_dict
+from hh_ray.packing import length_grouped, packed_length
+from hh_ray.runtime import with_resolved_autocast
 from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer
 from learners.kit import (adamw, all_reduce_sum, clip_and_step, full_model_state, no_sync_unless,
                           restore_checkpoint, save_checkpoint, unwrap)
@@ -107,46 +110,58 @@ def checkpoint(root: Path, model, opt, pos: dict, rank: int, keep: int = 3) -> N
 
 # ---------------------------------------------------------------- the learner (one per Ray Train worker)
 
-def train_step(model, opt, tok, pairs, micro_batches, max_len, global_n, world, device,
-               fmt: str = "hh") -> tuple[float, float]:
-    """One optimizer step over this worker's micro-batches; returns (summed loss, correct pairs)."""
-    from hh_ray.models import encode_for_pm
-    from hh_ray.pm_eval import comparison_texts, pairwise_loss
+def train_step(model, opt, rows, micro_batches, global_n, world, pad_id, mixed) -> tuple[float, float]:
+    """One optimizer step over this worker's micro-batches; returns (summed loss, correct pairs).
+    rows[i] holds pair i's [chosen, rejected] token rows (hh_ray.models.pm_group_rows); each pair
+    is one packed row whose two transcripts share the context (hh_ray.packing)."""
+    from hh_ray.models import packed_values
+    from hh_ray.packing import pack_groups
+    from hh_ray.pm_eval import pairwise_loss
 
     loss_sum, correct = 0.0, 0.0
     for k, ids in enumerate(micro_batches):
-        batch = [pairs[i] for i in ids]
-        enc = encode_for_pm(tok, comparison_texts(batch, tok, fmt), max_len)
         # Gradients are all-reduced only on the last micro-batch.
         with no_sync_unless(model, sync=k == len(micro_batches) - 1):
-            # The model's own forward pools at the last non-pad token, which is
-            # the end-of-context token because the PM pad is a token of its own.
-            scores = model(input_ids=enc["input_ids"].to(device),
-                           attention_mask=enc["attention_mask"].to(device)).logits.squeeze(-1).float()
-            r_c, r_r = scores[: len(batch)], scores[len(batch):]
+            with mixed():
+                scores = packed_values(model, pack_groups([rows[i] for i in ids], pad_id)).float()
+            r_c, r_r = scores[0::2], scores[1::2]
             loss = pairwise_loss(r_c, r_r)
             # DDP averages gradients over workers: scale so the step's gradient
             # is that of the mean loss over the whole global batch.
-            (loss * len(batch) * world / global_n).backward()
-        loss_sum += loss.item() * len(batch)
+            (loss * len(ids) * world / global_n).backward()
+        loss_sum += loss.item() * len(ids)
         correct += ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).sum().item()
     clip_and_step(model, opt, MAX_GRAD_NORM)
     return loss_sum, correct
 
 
+def stage_order(cfg, si: int, epoch: int, lengths: list[int]) -> list[int]:
+    """The pair order of one epoch of one stage: shuffled, then length-grouped (pm.group_by_length)."""
+    order = epoch_order(len(lengths), cfg.seed, si, epoch)
+    if cfg.pm.group_by_length:
+        order = length_grouped(order, lengths, cfg.pm.batch_size, f"{cfg.seed}/{si}/{epoch}")
+    return order
+
+
 def train_stage(model, opt, tok, stage: dict, si: int, pos: dict, config: dict, rank: int, world: int,
-                device) -> bool:
+                mixed) -> bool:
     """Train one stage from pos (updated in place) to its end; True when stop_after_steps stopped it."""
+    from hh_ray.models import pm_group_rows
+    from hh_ray.pm_eval import comparison_groups
+
     cfg, pairs = config["cfg"], stage["comparisons"]
     pm, root, stop_after = cfg.pm, Path(config["checkpoint_root"]), config["stop_after_steps"]
+    # Tokenised once per stage; the lengths order the batches.
+    rows = pm_group_rows(tok, comparison_groups(pairs, tok, cfg.model.conversation_format), cfg.model.max_seq_len)
+    lengths = [packed_length(r) for r in rows]
     n_steps = steps_per_epoch(len(pairs), pm.batch_size, world * pm.grad_accum)
     for epoch in range(pos["epoch"], pm.epochs):
-        order = epoch_order(len(pairs), cfg.seed, si, epoch)
+        order = stage_order(cfg, si, epoch, lengths)
         for step in range(pos["step_in_epoch"], n_steps):
             ids = step_ids(order, step, pm.batch_size)
             t0 = time.perf_counter()
-            loss_sum, correct = train_step(model, opt, tok, pairs, worker_micro_batches(ids, rank, world, pm.grad_accum),
-                                           cfg.model.max_seq_len, len(ids), world, device, cfg.model.conversation_format)
+            loss_sum, correct = train_step(model, opt, rows, worker_micro_batches(ids, rank, world, pm.grad_accum),
+                                           len(ids), world, tok.pad_token_id, mixed)
             loss_sum, correct = all_reduce_sum([loss_sum, correct])
             dt = time.perf_counter() - t0
             pos.update(step_in_epoch=step + 1, global_step=pos["global_step"] + 1,
@@ -176,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     import transformers
 
-    from hh_ray.models import load_scalar_head_model, save_model
+    from hh_ray.models import autocast, load_scalar_head_model, save_model, set_attention_for
 
     transformers.logging.set_verbosity_error()  # the "score.weight newly initialised" report is expected
     cfg = config["cfg"]
@@ -185,6 +200,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP broadcasts rank 0's anyway)
     model, tok = load_scalar_head_model(config["init_path"], cfg.model.dtype)
+    set_attention_for([model], cfg.pm.autocast, device.type)
+    mixed = functools.partial(autocast, cfg.pm.autocast, device.type)
     if cfg.model.lora_rank:  # adapters and the score head train; the backbone stays
         add_lora(model, cfg.model.lora_rank, head="score")
     if cfg.model.gradient_checkpointing:
@@ -204,7 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
             restore_checkpoint(resume, {"model": model}, {"model": opt} if pos["optimizer_stage"] == si else None)
             resume = None
         pos["optimizer_stage"] = si
-        if train_stage(model, opt, tok, stages[si], si, pos, config, rank, world, device):
+        if train_stage(model, opt, tok, stages[si], si, pos, config, rank, world, mixed):
             return
         pos.update(stage=si + 1, epoch=0)
 
@@ -221,12 +238,14 @@ def train_loop_per_worker(config: dict) -> None:
 # ---------------------------------------------------------------- the driver
 
 def count_truncated(tok, comparisons, max_len: int, fmt: str = "hh") -> int:
-    """Transcripts longer than max_len tokens (end-of-context token included); they lose their start."""
-    from hh_ray.pm_eval import comparison_texts
+    """Transcripts that lose their start to max_len tokens (end-of-context token included):
+    a comparison's context is cut once for both (hh_ray.packing.truncate_group)."""
+    from hh_ray.models import pm_group_rows
+    from hh_ray.pm_eval import comparison_groups
 
-    texts = comparison_texts(comparisons, tok, fmt)
-    lengths = [len(ids) + 1 for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-    return sum(n > max_len for n in lengths)
+    groups = comparison_groups(comparisons, tok, fmt)
+    full, cut = pm_group_rows(tok, groups, 10**9), pm_group_rows(tok, groups, max_len)
+    return sum(len(a) != len(b) for fg, cg in zip(full, cut) for a, b in zip(fg, cg))
 
 
 def build_stages(cfg) -> tuple[list[dict], list, dict]:
@@ -341,6 +360,7 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     cfg = with_value(cfg, "model.conversation_format",
                      model_format(init, cfg.model.conversation_format, load_pm_tokenizer(init)))
     stages, held_out, init_path, info = prepare_data(cfg)
+    cfg = with_resolved_autocast(cfg, "pm.autocast")
 
     import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
 

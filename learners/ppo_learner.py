@@ -41,7 +41,7 @@ from hh_ray import ppo
 from hh_ray.estimators import needs_critic
 from hh_ray.lora import AdapterView, adapters_off, add_lora, hf_state_dict, merged_copy
 from hh_ray.config import Config, parse_resources
-from hh_ray.models import autocast, load_policy, load_scalar_head_model, load_tokenizer, response_logits, save_model, token_values
+from hh_ray.models import autocast, load_policy, set_attention_for, load_scalar_head_model, load_tokenizer, response_logits, save_model, token_values
 from hh_ray.rollout import RolloutBatch
 from hh_ray.runtime import derive_seed, device, gpus_for, worker_env
 from hh_ray.weights import weights_for_sync
@@ -150,12 +150,7 @@ class PPOWorker:
         else:
             self.reference = PolicyModel(load_policy(paths.policy, cfg.model.dtype).eval().requires_grad_(False)).to(self.device)
         self.policy_tokenizer = load_tokenizer(paths.policy)
-        if self.p.autocast == "bfloat16" and self.device_type == "cpu":
-            # torch's fused CPU attention has a slow bf16 backward (1.7 s of a 10 s policy
-            # forward+backward, SmolLM2, 16 x 150 tokens); eager attention (bmm, fp32
-            # softmax) makes that forward+backward 19% faster. In fp32 sdpa is the faster.
-            for m in trained:
-                m.set_attn_implementation("eager")
+        set_attention_for(trained, self.p.autocast, self.device_type)
         if cfg.model.gradient_checkpointing:
             for m in trained:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -160,7 +160,10 @@ def test_cli_refuses_a_prompt_longer_than_the_model_reads(tmp_path, capsys):
 
 # ---------------------------------------------------------------- real runs on Ray
 
-DISTILL = ["distill.num_texts=320", "distill.num_workers=2", "distill.checkpoint_every=8", "tracking.wandb=offline"]
+# fp32 (distill.autocast=none): the resume test compares 1 and 2 workers step for step, which
+# holds to float summation order only; bf16 rounding would differ by more.
+DISTILL = ["distill.num_texts=320", "distill.num_workers=2", "distill.checkpoint_every=8", "distill.autocast=none",
+           "tracking.wandb=offline"]
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,10 @@ def test_sigint_stops_train_ppo_within_10s_and_resume_continues(tiny_pm, cache_d
     assert left == [], log[-3000:]
     assert "train-ppo: interrupted (SIGINT): stopping; resume with --resume" in log
     assert "[ppo 20/20]" not in log and not (run / "policy").exists()  # really stopped mid-run
+    # The console is hh-ray's own: Ray would prefix a worker's line with "(Name pid=N)"; the
+    # workers' output (vLLM's engine reports among it) is in the log files the run links to.
+    assert "Ray and vLLM logs:" in log and "pid=" not in log, log[-3000:]
+    assert any((run / "ray-logs").glob("worker-*.err")), list((run / "ray-logs").iterdir())
 
     # No half-written checkpoint: every step-N there verifies (a save cut short is a leftover
     # .tmp folder, which the next start removes).

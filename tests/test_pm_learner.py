@@ -7,6 +7,7 @@ end with the same weights. Three fits in all keep this file near 2 minutes.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,40 @@ def test_pmp_then_finetune_each_with_its_own_lr(full_run):
     assert pmp[-1]["batch_pairs"] == 24 and fine[-1]["batch_pairs"] == 28  # tails kept, none dropped
     assert fine[-1]["examples_seen"] == PAIRS
     assert pmp[-1]["loss"] < pmp[0]["loss"]
+
+
+def test_the_precision_auto_chose_is_printed_and_in_config_yaml(full_run):
+    import yaml
+
+    from hh_ray.runtime import resolve_autocast
+
+    saved = yaml.safe_load((full_run / "config.yaml").read_text())
+    assert saved["pm"]["autocast"] == resolve_autocast("auto")[0] != "auto"
+
+
+def test_a_lora_pm_trains_adapters_and_saves_a_plain_merged_pm(ray_cluster, tiny_model, tmp_path):
+    """model.lora_rank on the PM: adapters and the score head train, the backbone's own weights
+    stay, and the saved PM is a plain folder (adapters merged) that loads and scores as any PM."""
+    from safetensors.torch import load_file
+
+    from hh_ray.models import load_scalar_head_model
+    from hh_ray.pm_eval import accuracy, score_comparisons
+
+    cfg = load_config("configs/tiny.yaml", {"data.num_synthetic": 400, "model.lora_rank": 8, "pm.lr": 0.003,
+                                            "pm.checkpoint_every": 1000, "tracking.wandb": "disabled"})
+    pm_dir = train_pm(cfg, tmp_path)
+    saved = load_file(str(pm_dir / "model.safetensors"))
+    initial = load_file(str(next(Path(tiny_model).glob("*.safetensors"))))
+    assert not [k for k in saved if "lora" in k or "modules_to_save" in k]
+    assert torch.equal(saved["model.embed_tokens.weight"][: len(initial["model.embed_tokens.weight"])],
+                       initial["model.embed_tokens.weight"])  # not a LoRA target: unchanged
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved[q], initial[q])  # the adapter merged into the linear layer
+    loss = [r["loss"] for r in read_metrics(tmp_path, "pm_finetune")]
+    assert sum(loss[-3:]) < sum(loss[:3])
+    model, tok = load_scalar_head_model(str(pm_dir))
+    held_out = synthetic_comparisons(64, seed=11)
+    assert accuracy(*score_comparisons(model, tok, held_out, 128)) > 0.6
 
 
 def test_pm_folder_loads_as_is_and_scores_at_end_of_context(full_run):

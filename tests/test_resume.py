@@ -85,6 +85,24 @@ def test_dropping_nonfinite_samples_keeps_equal_learner_shards():
     assert none == 0 and same is batch
 
 
+def test_dropping_nonfinite_samples_drops_whole_groups_and_keeps_equal_shards():
+    """samples_per_prompt = 2: a bad sample takes its prompt's other sample with it (a group
+    baseline needs both), and the learners, which are dealt whole groups, still get as many rows."""
+    n = 12
+    batch = RolloutBatch.from_samples([[1, 2]] * n, [[3, 4]] * n, [[-0.5, -0.5]] * n, [0] * n,
+                                      [f"p{i // 2}" for i in range(n)], [f"r{i}" for i in range(n)], ["stop"] * n,
+                                      pad_id=0)
+    batch.group = torch.arange(n) // 2
+    batch.pm_score = torch.zeros(n)
+    batch.pm_score[5] = float("nan")  # group 2
+    for world, want in ((1, 5), (2, 4), (3, 3), (4, 4)):
+        kept, dropped = drop_nonfinite(batch, multiple=world)
+        assert len(kept) == 2 * want and dropped == n - len(kept)
+        assert "p2" not in kept.prompts and kept.group.tolist() == [g for g in range(want) for _ in (0, 1)]
+        shards = [len(kept.shard_rows(rank, world)) for rank in range(world)]
+        assert len(set(shards)) == 1, shards
+
+
 def test_equal_shards_give_every_rank_the_same_number_of_steps():
     """What the DDP hang needed: ranks with unequal rows ran unequal micro-batch counts."""
     from learners.ppo_learner import micro_batches

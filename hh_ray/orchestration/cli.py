@@ -44,6 +44,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="with --resume (train-pm, distill, sft, train-ppo): accept a config whose seed, batch "
                         "sizes, models or data differ from the run's config.yaml (refused otherwise, as the "
                         "checkpoint's position would mean something else)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and vLLM's own log lines on the console; without it they stay in the "
+                        "cluster's log files (linked as RUN_DIR/ray-logs), and the console shows hh-ray's "
+                        "progress and results")
     defaults = Config()
     g = p.add_argument_group("config (section.field, default in brackets)")
     for name, f in flat_fields().items():
@@ -441,10 +445,13 @@ def _run_stage(parser: argparse.ArgumentParser, args: argparse.Namespace, unknow
             return 0
         cfg, run_dir = resolve(args)
         if args.stage not in ("eval",) or args.what != "pm":  # every stage but these runs on Ray
-            from hh_ray.orchestration.cluster import ensure_ray
+            from hh_ray.orchestration.cluster import ensure_ray, link_logs
 
-            ensure_ray()
+            ensure_ray(quiet=not args.verbose)
             interrupts.install()  # ray.init replaced the SIGTERM handler
+            logs = link_logs(run_dir)
+            if logs and not args.verbose:
+                print(f"Ray and vLLM logs: {logs} (--verbose shows them here)", flush=True)
         return STAGE_RUNNERS[args.stage](cfg, run_dir, args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"hh-ray {args.stage}: error: {e}", file=sys.stderr)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from pathlib import Path
 
 import ray
 
@@ -19,7 +21,11 @@ def _job_env_vars() -> dict[str, str]:
     return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
 
 
-def ensure_ray(num_cpus: int | None = None):
+def ensure_ray(num_cpus: int | None = None, quiet: bool = False):
+    """Connect to RAY_ADDRESS, or start a local cluster. quiet: on a local cluster, the
+    workers' output (vLLM's engine reports, Ray Train's) stays in the cluster's log files
+    instead of being copied to this console, and Ray's own INFO lines are not shown;
+    errors still reach the driver, as exceptions with the worker's traceback."""
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             # Ray refuses to merge a job's runtime env with a driver's that sets
@@ -37,8 +43,25 @@ def ensure_ray(num_cpus: int | None = None):
             # Logical CPUs above the physical count let generation actors,
             # the PM service and learners coexist on a small machine.
             ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-                     runtime_env={"env_vars": worker_env()})
+                     runtime_env={"env_vars": worker_env()}, log_to_driver=not quiet,
+                     logging_level=logging.WARNING if quiet else logging.INFO)
     return ray
+
+
+def link_logs(run_dir: Path) -> Path | None:
+    """RUN_DIR/ray-logs -> the log folder of the cluster this process started (every
+    worker's stdout/stderr, vLLM's and Ray Train's reports); None on a joined cluster,
+    whose logs are on its nodes (`ray job logs`)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not local_cluster_processes():
+        return None
+    target = Path(node.get_logs_dir_path())
+    link = Path(run_dir) / "ray-logs"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    return link
 
 
 # ---------------------------------------------------------------- stopping (Ctrl-C, SIGTERM)

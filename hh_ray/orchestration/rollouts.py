@@ -122,6 +122,7 @@ class RolloutProducer:
                 "response_length": float(batch.response_lengths.float().mean()),
                 "ended_fraction": float(batch.ended.float().mean()),
                 "tokens_generated": int(batch.response_lengths.sum()), "samples": len(batch),
+                "tokens_sequences": int(batch.attention_mask.sum()), "max_sequence_tokens": batch.input_ids.shape[1],
                 "logged_samples": sample_rows(batch, self.cfg.ppo.log_samples, self.cfg.ppo.num_learners)}
 
     def take(self, iteration: int) -> ray.ObjectRef:
