@@ -57,6 +57,7 @@ class Result:
     value: dict | None = None
     error: str | None = None  # the worker's traceback
     rank: int = 0
+    error_type: str = ""  # the class name of the worker's exception, for callers that handle one kind
 
 
 class LearnerGroupRestarted(RuntimeError):
@@ -69,7 +70,12 @@ class LearnerGroupRestarted(RuntimeError):
 
 
 class LearnerError(RuntimeError):
-    """A command raised in a learner worker; the message holds the worker's traceback."""
+    """A command raised in a learner worker; the message holds the worker's traceback and
+    `error_type` the class name of its exception (classes do not cross the transport)."""
+
+    def __init__(self, message: str, error_type: str = ""):
+        super().__init__(message)
+        self.error_type = error_type
 
 
 # ---------------------------------------------------------------- worker side
@@ -123,7 +129,8 @@ def serve_commands(worker, commands, results, rank: int, world: int) -> None:
                 raise  # this worker dies too and Ray Train restarts the group: the controller rolls back
             # Our own error: the controller stops the run with this traceback; the worker stays
             # alive to take the stop.
-            answer = Result(cmd.seq, incarnation, cmd.name, error=traceback.format_exc(), rank=rank)
+            answer = Result(cmd.seq, incarnation, cmd.name, error=traceback.format_exc(), rank=rank,
+                            error_type=type(e).__name__)
         else:
             answer = Result(cmd.seq, incarnation, cmd.name, value) if rank == 0 else None
         if answer is not None:
@@ -168,7 +175,7 @@ class CommandClient:
             if r.seq != self.seq or r.incarnation != self.incarnation:
                 continue  # a late answer to a command the controller gave up on
             if r.error is not None:
-                raise LearnerError(f"learner rank {r.rank} failed in {name!r}:\n{r.error}")
+                raise LearnerError(f"learner rank {r.rank} failed in {name!r}:\n{r.error}", r.error_type)
             return r.value
 
     def stop(self) -> None:

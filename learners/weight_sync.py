@@ -29,6 +29,11 @@ class WeightSyncError(Exception):
     learner peer, and the learner group must not restart for a generator."""
 
 
+class WeightGroupUnavailable(WeightSyncError):
+    """The broadcast group could not form (a generator or rank 0 could not join): with
+    weight_sync=auto the controller falls back to the object store."""
+
+
 class WeightBroadcaster:
     """Held by learner rank 0 for the whole run."""
 
@@ -69,10 +74,10 @@ class WeightBroadcaster:
         try:
             ray.get(joins, timeout=TIMEOUT_S)  # a dead worker raises here, not after the group's timeout
         except Exception as e:
-            raise WeightSyncError(f"a generation worker could not join the weight group: {e!r}") from e
+            raise WeightGroupUnavailable(f"a generation worker could not join the weight group: {e!r}") from e
         thread.join(TIMEOUT_S)
         if "group" not in joined:
-            raise WeightSyncError(f"weight group: rank 0 could not join: {joined.get('error')!r}")
+            raise WeightGroupUnavailable(f"weight group: rank 0 could not join: {joined.get('error')!r}")
         self.store, self.group, self.members = store, joined["group"], list(workers)
         return time.perf_counter() - t0
 

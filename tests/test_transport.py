@@ -47,8 +47,9 @@ def test_commands_are_answered_in_order_and_errors_carry_the_traceback():
     client = CommandClient([commands], results, timeout_s=10)
     assert client.wait_ready()["weights"] == ["w0"]
     assert client.call("train", iteration=1) == {"trained": 1}
-    with pytest.raises(LearnerError, match=r"(?s)rank 0 failed in 'train'.*ValueError: bad batch"):
+    with pytest.raises(LearnerError, match=r"(?s)rank 0 failed in 'train'.*ValueError: bad batch") as raised:
         client.call("train", iteration=99)
+    assert raised.value.error_type == "ValueError"  # what a caller handling one kind of error reads
     assert client.call("train", iteration=2) == {"trained": 2}  # the worker stayed up
     client.stop()
     thread.join(5)

@@ -37,10 +37,11 @@ from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenize
 from hh_ray.orchestration.rollouts import Prefetch, RolloutProducer, WeightsLost
 from hh_ray.prompt_stream import PromptStream, load_prompts
 from hh_ray.reward_kl import plot_reward_vs_sqrt_kl
-from hh_ray.runtime import resolve_autocast
+from hh_ray.runtime import with_resolved_autocast
 from hh_ray.tracking import Tracker, read_metrics
 from learners.ppo_learner import LearnerGroupRestarted, LearnerPaths, PPOLearnerGroup
 from learners.transport import LearnerError
+from learners.weight_sync import WeightGroupUnavailable
 
 # ---------------------------------------------------------------- checks before any actor starts
 
@@ -98,9 +99,7 @@ class RLHFController:
         self.policy_path, self.pm_path = resolve_paths(cfg)
         # Every part of the run reads the resolved format from the config (and config.yaml shows it).
         self.cfg = cfg = with_value(cfg, "model.conversation_format", check_config(cfg, self.policy_path, self.pm_path))
-        autocast, why = resolve_autocast(cfg.ppo.autocast, cfg.model.cache_dir)
-        print(f"ppo.autocast={autocast} ({why})", flush=True)
-        self.cfg = cfg = with_value(cfg, "ppo.autocast", autocast)
+        self.cfg = cfg = with_resolved_autocast(cfg, "ppo.autocast")
         # auto: broadcast, which every engine takes; the object store if its group cannot form.
         self.auto_sync = cfg.generation.weight_sync == "auto"
         self.cfg = cfg = with_value(cfg, "generation.weight_sync", "broadcast" if self.auto_sync
@@ -227,7 +226,7 @@ class RLHFController:
                 report = self.rollouts.sync_weights(version, send=lambda workers: self.learners.broadcast(version, workers))
                 return {"sync_bytes": report["bytes"], "time_sync_connect": report["time_connect"]}
             except LearnerError as e:
-                if not (self.auto_sync and "could not join the weight group" in str(e)):
+                if not (self.auto_sync and e.error_type == WeightGroupUnavailable.__name__):
                     raise
                 print(f"weight_sync=auto: the broadcast group could not form ({e}); using the object store",
                       flush=True)
