@@ -5,7 +5,8 @@ generic comparison set at `pm.pmp_lr`, then finetuning on HH comparisons at
 `pm.lr`, each with a fresh AdamW. The loss is −log σ(r_chosen − r_rejected),
 the score read at the appended end-of-context token (hh_ray.models).
 
-Data order is a pure function of (seed, stage, epoch), so a checkpoint only
+Data order is a pure function of (seed, stage, epoch) and the pairs' lengths
+(length-grouped batches), so a checkpoint only
 needs the *position* (stage, epoch, step) to resume exactly: the same pairs
 are never seen twice and none are skipped. A running digest of every trained
 pair id proves it (`seen_digest` in metrics.jsonl).
