@@ -96,5 +96,5 @@ def plot_best_of_n(curve: list[dict], ppo_rows: list[dict], out) -> None:
     pts = [(math.sqrt(max(0.0, r["kl"])), r["reward_pm"]) for r in ppo_rows if r.get("kl") is not None]
     if pts:
         x, y = zip(*pts)
-        ax.plot(x, y, "o-", ms=3, alpha=0.7, label="PPO iterations (measured KL)")
+        ax.plot(x, y, "o", ms=3, alpha=0.6, label="PPO iterations (measured KL)")
     save_reward_axes(fig, ax, out, "RL vs rejection sampling")

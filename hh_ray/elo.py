@@ -16,6 +16,9 @@ import math
 import numpy as np
 
 ELO_SCALE = 400.0
+# ΔElo of a PM-score gap of 1: σ(Δr) = 1 / (1 + 10^(−ΔElo/400)) gives ΔElo = (400 / ln 10)·Δr ≈ 174·Δr,
+# the paper's "ΔElo ≈ 174 ΔPM".
+ELO_PER_PM_UNIT = ELO_SCALE / math.log(10)
 
 
 def win_probability(delta_elo: float | np.ndarray) -> float | np.ndarray:
@@ -35,6 +38,16 @@ def win_matrix(num_players: int, games: list[tuple[int, int, float]]) -> np.ndar
         w[i, j] += s
         w[j, i] += 1 - s
     return w
+
+
+def judged_wins(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """(W, ties) from a judge's scores [players, prompts]: on each prompt, each pair of players is one
+    game won by the higher score; equal scores (identical responses, say) are ties, dropped as the paper
+    drops tied comparisons. W[i, j] = games i won against j."""
+    s = np.asarray(scores, dtype=float)
+    w = (s[:, None, :] > s[None, :, :]).sum(-1).astype(float)
+    ties = int(np.triu((s[:, None, :] == s[None, :, :]).sum(-1), 1).sum())
+    return w, ties
 
 
 def fit_elo(wins: np.ndarray, iterations: int = 10_000, tol: float = 1e-10) -> np.ndarray:

@@ -34,7 +34,9 @@ def plot_reward_vs_sqrt_kl(rows: list[dict], out: Path) -> Path | None:
 
     x, y = zip(*pts)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(x, y, "o-", ms=4, label="PPO iterations")
+    # Points, not a line: successive iterations jump about in KL, and a line through them hides the trend.
+    dots = ax.scatter(x, y, c=range(1, len(x) + 1), cmap="viridis", s=18, label="PPO iterations")
+    fig.colorbar(dots, ax=ax, label="iteration")
     a, b, r2 = fit_linear(list(x), list(y))
     xs = [min(x), max(x)]
     ax.plot(xs, [a + b * v for v in xs], "--", label=f"fit: {a:.3f} + {b:.3f}·√KL (R²={r2:.2f})")

@@ -44,7 +44,7 @@ import random
 from pathlib import Path
 
 RULE = ("first checkpoint k ≥ 1 where the train-PM gain rose since k−1 while the test-PM gain fell, "
-        "or where the gap Δr_train − Δr_test exceeds the threshold (gains over the initial policy, "
+        "each by more than min_move (so that sampling noise does not count), or where the gap Δr_train − Δr_test exceeds the threshold (gains over the initial policy, "
         "each PM's own)")
 
 
@@ -65,14 +65,14 @@ def gains(rewards: list[float]) -> list[float]:
 
 
 def divergence_point(train_rewards: list[float], test_rewards: list[float],
-                     gap_threshold: float) -> tuple[int | None, str]:
+                     gap_threshold: float, min_move: float = 0.0) -> tuple[int | None, str]:
     """(index of the first checkpoint where the curves part, why), or (None, why not). See the module doc."""
     if len(train_rewards) != len(test_rewards):
         raise ValueError("train and test curves must have one point per checkpoint each")
     g_train, g_test = gains(train_rewards), gains(test_rewards)
     for k in range(1, len(g_train)):
         gap = g_train[k] - g_test[k]
-        if g_train[k] > g_train[k - 1] and g_test[k] < g_test[k - 1]:
+        if g_train[k] > g_train[k - 1] + min_move and g_test[k] < g_test[k - 1] - min_move:
             return k, (f"train-PM gain rose {g_train[k - 1]:+.3f} → {g_train[k]:+.3f} while test-PM gain fell "
                        f"{g_test[k - 1]:+.3f} → {g_test[k]:+.3f}")
         if gap > gap_threshold:

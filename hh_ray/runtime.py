@@ -75,15 +75,19 @@ def gpus_for(requested: float, cluster_gpus: float, when_auto: float) -> float:
 
 # ---------------------------------------------------------------- precision for the hardware
 
-def resolve_autocast(value: str, cache_dir: str = "") -> tuple[str, str]:
+def resolve_autocast(value: str, cache_dir: str = "", workers_on_gpu: bool = False) -> tuple[str, str]:
     """(the autocast a run uses, why). 'auto' means bf16 only where the device runs bf16
     matmuls fast: CUDA with bf16, or a CPU whose measured bf16 matmul is at least as fast
     as fp32 (with AVX512-BF16/AMX it is ~2x faster; with AVX2 alone it was ~50x slower).
-    The CPU measurement is cached per processor model and flags."""
+    The CPU measurement is cached per processor model and flags. It is resolved where the
+    run starts, so `workers_on_gpu` says that the workers it is for get GPUs: a driver on
+    a CPU-only head node must not choose for them by its own processor."""
     if value != "auto":
         return value, "set in the config"
     import torch
 
+    if workers_on_gpu and device().type != "cuda":
+        return "bfloat16", "the workers get GPUs (this process has none to test; set autocast: none for GPUs without bf16)"
     if device().type == "cuda":
         return ("bfloat16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("none", "CUDA without bf16")
     fp32, bf16 = cpu_matmul_seconds(cache_dir)
@@ -91,13 +95,13 @@ def resolve_autocast(value: str, cache_dir: str = "") -> tuple[str, str]:
     return ("bfloat16" if bf16 <= fp32 else "none"), why
 
 
-def with_resolved_autocast(cfg, key: str):
+def with_resolved_autocast(cfg, key: str, workers_on_gpu: bool = False):
     """cfg with the autocast setting at `key` ('ppo.autocast', 'pm.autocast', ...) resolved,
     the choice and its reason printed; config.yaml then records what the run used."""
     from hh_ray.config import with_value
 
     section, name = key.split(".")
-    value, why = resolve_autocast(getattr(getattr(cfg, section), name), cfg.model.cache_dir)
+    value, why = resolve_autocast(getattr(getattr(cfg, section), name), cfg.model.cache_dir, workers_on_gpu)
     print(f"{key}={value} ({why})", flush=True)
     return with_value(cfg, key, value)
 

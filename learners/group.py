@@ -67,6 +67,13 @@ def torch_trainer(train_loop, **kwargs):
     return Trainer(train_loop, **kwargs)
 
 
+def group_uses_gpu(num_workers: int) -> bool:
+    """A learner group of num_workers trains on GPUs when the cluster has one for each."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= num_workers
+
+
 def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path, cpus_per_worker: int = 1,
                     max_failures: int = 0):
     """A TorchTrainer of num_workers workers on the running Ray cluster.
@@ -81,7 +88,7 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path,
 
     from hh_ray.runtime import worker_env
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
+    use_gpu = group_uses_gpu(num_workers)
     return torch_trainer(
         train_loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

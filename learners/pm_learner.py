@@ -43,7 +43,7 @@ from hh_ray.data import DataError, load_comparisons
 from hh_ray.lora import add_lora, hf_state_dict
 from hh_ray.packing import length_grouped, packed_length
 from hh_ray.runtime import with_resolved_autocast
-from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer
+from learners.group import checkpoint_to_resume, fit_and_log, group_uses_gpu, learner_trainer
 from learners.kit import (adamw, all_reduce_sum, clip_and_step, full_model_state, no_sync_unless,
                           restore_checkpoint, save_checkpoint, unwrap)
 
@@ -242,11 +242,11 @@ def count_truncated(tok, comparisons, max_len: int, fmt: str = "hh") -> int:
     """Transcripts that lose their start to max_len tokens (end-of-context token included):
     a comparison's context is cut once for both (hh_ray.packing.truncate_group)."""
     from hh_ray.models import pm_group_rows
+    from hh_ray.packing import truncate_group
     from hh_ray.pm_eval import comparison_groups
 
-    groups = comparison_groups(comparisons, tok, fmt)
-    full, cut = pm_group_rows(tok, groups, 10**9), pm_group_rows(tok, groups, max_len)
-    return sum(len(a) != len(b) for fg, cg in zip(full, cut) for a, b in zip(fg, cg))
+    full = pm_group_rows(tok, comparison_groups(comparisons, tok, fmt), 10**9)  # tokenised once, uncut
+    return sum(len(a) != len(b) for g in full for a, b in zip(g, truncate_group(g, max_len)))
 
 
 def build_stages(cfg) -> tuple[list[dict], list, dict]:
@@ -361,9 +361,9 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     cfg = with_value(cfg, "model.conversation_format",
                      model_format(init, cfg.model.conversation_format, load_pm_tokenizer(init)))
     stages, held_out, init_path, info = prepare_data(cfg)
-    cfg = with_resolved_autocast(cfg, "pm.autocast")
-
     import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
+
+    cfg = with_resolved_autocast(cfg, "pm.autocast", group_uses_gpu(cfg.pm.num_workers))
 
     tracker = Tracker(run_dir, cfg, stage="pm")
     tracker.log(0, info, stage="pm_data")

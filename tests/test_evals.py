@@ -13,7 +13,8 @@ import pytest
 
 from hh_ray.best_of_n import (best_of_n_curve, best_of_n_kl_exact, best_of_n_kl_log_n, expected_best_of_n,
                               max_weights)
-from hh_ray.elo import elo_difference, fit_elo, log_likelihood, win_matrix, win_probability
+from hh_ray.elo import (ELO_PER_PM_UNIT, elo_difference, fit_elo, judged_wins, log_likelihood, win_matrix,
+                        win_probability)
 from hh_ray.ood import (OODDetector, auroc, diagonal_mahalanobis, fit_gaussian, fit_linear_probe, mahalanobis,
                         relative_mahalanobis)
 from hh_ray.ood_eval import absolute_ridge, evaluate_layer
@@ -26,6 +27,22 @@ def test_win_probability_by_hand():
     assert win_probability(400) == pytest.approx(10 / 11)  # 1 / (1 + 10^-1)
     assert win_probability(-400) == pytest.approx(1 / 11)
     assert elo_difference(10 / 11) == pytest.approx(400)
+
+
+def test_judged_wins_count_the_higher_score_and_drop_ties():
+    # Three players on three prompts; on prompt 3 players 0 and 1 tie (dropped).
+    scores = np.array([[1.0, 0.0, 2.0],
+                       [0.5, 0.5, 2.0],
+                       [0.0, 1.0, 3.0]])
+    w, ties = judged_wins(scores)
+    assert w.tolist() == [[0, 1, 1], [1, 0, 1], [2, 2, 0]]
+    assert ties == 1
+
+
+def test_174_elo_per_pm_unit():
+    # A PM gap of 1 is P = σ(1) = 0.7311; the Elo gap giving that win probability is 173.7.
+    assert ELO_PER_PM_UNIT == pytest.approx(elo_difference(1 / (1 + math.exp(-1))))
+    assert ELO_PER_PM_UNIT == pytest.approx(173.72, abs=0.01)
 
 
 def test_elo_two_players_by_hand():
@@ -305,9 +322,16 @@ def test_eval_commands_then_report(tiny_model, tiny_pm, tmp_path):
     rewards = [r["reward_pm"] for r in bon["table"]]
     assert rewards == sorted(rewards)  # the expected max of n samples cannot fall as n grows
 
-    assert main(["eval", "elo", "--pm", tiny_pm, "--num-prompts", "3", "--policies", tiny_model, "tiny", *common]) == 0
+    assert main(["eval", "elo", "--pm", tiny_pm, "--num-prompts", "3", "--policies", tiny_model, "tiny",
+                 "--best-of", "4", *common]) == 0
     elo = json.loads((run / "elo" / "elo.json").read_text())
-    assert sum(r["elo"] for r in elo["table"]) == pytest.approx(0, abs=1e-6)
+    assert [r["model"] for r in elo["table"]][2].startswith("best-of-4 of ")
+    for key in ("elo", "elo_soft", "elo_174_pm"):
+        assert sum(r[key] for r in elo["table"]) == pytest.approx(0, abs=1e-4)  # float32 scores
+    by_name = {r["model"]: r for r in elo["table"]}
+    # The chooser is the judge here, so best-of-4 never scores below its policy's first sample.
+    first, best = elo["table"][0], elo["table"][2]
+    assert best["mean_pm_score"] >= first["mean_pm_score"] and len(by_name) == 3
 
     assert main(["eval", "ood", "--harmful", str(tmp_path / "harmful.jsonl"), "--num-prompts", "16",
                  "--layers", "1", "2", "--shots", "2", *common]) == 0

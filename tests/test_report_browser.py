@@ -7,18 +7,18 @@ The run folder is built cheaply but honestly: metrics.jsonl rows shaped as train
 train-ppo log them, and every evaluation folder written by the evaluation's own functions
 (pm_metrics/save_report, best_of_n_curve/plot_best_of_n, fit_elo/plot_elo,
 evaluate_layer/plot_ood, robustness_table/plot_robustness) on synthetic scores, so no model
-runs here. Set HH_RAY_DOCS_SCREENSHOT=1 to also copy the screenshot to docs/report.png.
+runs here, and nothing here is shown to users: docs/report.png is a real run's report
+(experiments/run.py takes it).
 """
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import tiny_config
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Section ids of write_report and the headings it gives them, in page order, for a run with
@@ -187,6 +187,3 @@ def test_report_renders_in_chromium(tmp_path):
         finally:
             browser.close()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
-    if os.environ.get("HH_RAY_DOCS_SCREENSHOT") == "1":
-        (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copy(shot, ROOT / "docs" / "report.png")

@@ -43,6 +43,14 @@ def test_divergence_when_test_falls_while_train_rises():
     assert k == 3 and "fell" in why
 
 
+def test_opposite_moves_within_the_noise_floor_do_not_count():
+    # gains: train 0, .04, 1; test 0, −.04, .2. At k=1 the moves (±.04) are below min_move .1;
+    # at k=2 both rise, and the gap 1 − .2 = .8 exceeds .5.
+    k, why = divergence_point([0, 0.04, 1.0], [0, -0.04, 0.2], gap_threshold=0.5, min_move=0.1)
+    assert k == 2 and "gap" in why
+    assert divergence_point([0, 0.04, 1.0], [0, -0.04, 0.2], gap_threshold=0.5)[0] == 1
+
+
 def test_divergence_when_the_gap_exceeds_the_threshold():
     # Test never falls, but at k=2 the gap is 2 − 1 = 1 > 0.5 (at k=1 it is 1 − 0.9 = 0.1).
     k, why = divergence_point([0, 1, 2], [0, 0.9, 1.0], gap_threshold=0.5)

@@ -22,6 +22,15 @@ def test_auto_autocast_picks_bf16_only_where_it_is_fast(monkeypatch, fp32, bf16,
     assert runtime.resolve_autocast("bfloat16") == ("bfloat16", "set in the config")
 
 
+def test_auto_autocast_for_gpu_workers_does_not_follow_the_drivers_processor(monkeypatch):
+    # A driver on a CPU-only head node whose processor runs bf16 slowly, learners on GPUs.
+    monkeypatch.setattr(runtime, "cpu_matmul_seconds", lambda cache_dir="": (1.0, 50.0))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert runtime.resolve_autocast("auto")[0] == "none"
+    got, why = runtime.resolve_autocast("auto", workers_on_gpu=True)
+    assert got == "bfloat16" and "GPUs" in why
+
+
 def test_the_cpu_probe_runs_once_per_processor(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(runtime, "_matmul_seconds", lambda dtype: calls.append(dtype) or 1.0)

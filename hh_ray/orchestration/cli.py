@@ -97,6 +97,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy", help="policy to sample from (best-of-n: π₀) or read activations of (ood); "
                                     "default model.policy")
     g.add_argument("--policies", nargs="+", help="elo: policy folders to rate (default: model.policy and RUN_DIR/policy)")
+    g.add_argument("--best-of", type=int, default=0,
+                   help="elo: also rate the best of N samples of the first policy (0: no such player)")
+    g.add_argument("--best-of-pm", help="elo: PM that picks the best of N (default: the judge, --pm)")
     g.add_argument("--num-prompts", type=int, default=32, help="held-out prompts (ood: per set)")
     g.add_argument("--n-max", type=int, default=16, help="best-of-n: samples per prompt (n = 1, 2, 4, … up to this)")
     g.add_argument("--helpful", default="synthetic", help="ood: in-distribution comparisons (source)")
@@ -110,6 +113,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gap-threshold", type=float, default=0.5,
                    help="robustness: the curves part where train-PM gain − test-PM gain exceeds this "
                         "(PM units, log-odds), or where train rises while test falls")
+    g.add_argument("--min-move", type=float, default=0.1,
+                   help="robustness: a rise of the train-PM gain and a fall of the test-PM gain count only "
+                        "beyond this (PM units), so that sampling noise between checkpoints does not")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +162,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
     cfg = load_config(saved if args.resume and saved.exists() and not args.config else args.config, overrides)
     from hh_ray.tracking import default_run_dir
 
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.stage)
+    # Absolute, as every Ray worker that writes into it must see the same folder as the driver.
+    run_dir = (Path(args.run_dir) if args.run_dir else default_run_dir(args.stage)).resolve()
     # The stages that resume from checkpoints refuse a mixed or unusable run folder here, before Ray
     # starts: a changed config (nothing written), a used folder without --resume (nothing written),
     # --resume with no checkpoint that verifies (leftovers of killed saves cleaned first).

@@ -27,6 +27,8 @@ import math
 import time
 from pathlib import Path
 
+import ray
+
 from actors.rollout_queue import RolloutQueue
 from hh_ray.checkpoint import (PPO_CHECKPOINTS, clean_leftovers, complete_checkpoints, no_checkpoint_error,
                                prune_checkpoints, read_state, resume_checkpoint, step_folders)
@@ -37,7 +39,7 @@ from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenize
 from hh_ray.orchestration.rollouts import Prefetch, RolloutProducer, WeightsLost
 from hh_ray.prompt_stream import PromptStream, load_prompts
 from hh_ray.reward_kl import plot_reward_vs_sqrt_kl
-from hh_ray.runtime import with_resolved_autocast
+from hh_ray.runtime import gpus_for, with_resolved_autocast
 from hh_ray.tracking import Tracker, read_metrics
 from learners.ppo_learner import LearnerGroupRestarted, LearnerPaths, PPOLearnerGroup
 from learners.transport import LearnerError
@@ -95,11 +97,15 @@ class RLHFController:
     """Holds the actors and the learner group for the whole run and runs the paper's loop."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
-        self.run_dir = Path(run_dir)
+        # Absolute: the learners write policy/ and checkpoints here from Ray workers, whose working
+        # directory is not the driver's.
+        self.run_dir = Path(run_dir).resolve()
         self.policy_path, self.pm_path = resolve_paths(cfg)
         # Every part of the run reads the resolved format from the config (and config.yaml shows it).
         self.cfg = cfg = with_value(cfg, "model.conversation_format", check_config(cfg, self.policy_path, self.pm_path))
-        self.cfg = cfg = with_resolved_autocast(cfg, "ppo.autocast")
+        # ppo.autocast is for the learners and the PM service, which may have GPUs this driver lacks.
+        self.cfg = cfg = with_resolved_autocast(
+            cfg, "ppo.autocast", gpus_for(cfg.ppo.gpus_per_learner, ray.cluster_resources().get("GPU", 0), 1) > 0)
         # auto: broadcast, which every engine takes; the object store if its group cannot form.
         self.auto_sync = cfg.generation.weight_sync == "auto"
         self.cfg = cfg = with_value(cfg, "generation.weight_sync", "broadcast" if self.auto_sync

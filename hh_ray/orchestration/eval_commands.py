@@ -89,8 +89,13 @@ def plot_elo(table: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(table)), 3.5))
-    ax.bar([r["model"] for r in table], [r["elo"] for r in table], color="tab:blue")
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(table)), 3.5))
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, [r["elo"] for r in table], 0.4, color="tab:blue", label="fitted (ties dropped)")
+    if all("elo_174_pm" in r for r in table):
+        ax.bar(x + 0.2, [r["elo_174_pm"] for r in table], 0.4, color="tab:orange", label="174 × ΔPM")
+        ax.legend(fontsize=7)
+    ax.set_xticks(x, [r["model"] for r in table])
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("Elo (PM as judge, mean 0)")
     ax.tick_params(axis="x", labelsize=7, rotation=20)
@@ -100,46 +105,71 @@ def plot_elo(table: list[dict], out: Path) -> None:
 
 
 def eval_elo(cfg: Config, run_dir: Path, args) -> int:
-    """One response per held-out prompt from each policy; every pair of policies plays each prompt,
-    the PM judging with P(a ≻ b) = σ(r_a − r_b) as a fractional win; Elo by maximum likelihood."""
-    from hh_ray.elo import fit_elo, win_probability
+    """One response per held-out prompt from each policy (and, with --best-of N, the best of N samples
+    of the first policy by the --best-of-pm); every pair plays each prompt, judged by --pm. Elo by
+    maximum likelihood from the judge's wins, ties dropped as the paper drops them (`elo`), beside the
+    fractional wins σ(r_a − r_b) (`elo_soft`) and the paper's rule of thumb ΔElo ≈ 174·ΔPM (`elo_174_pm`)."""
+    from hh_ray.elo import ELO_PER_PM_UNIT, fit_elo, judged_wins, win_probability
     from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, resolve_model
     from hh_ray.sampling import sample_responses, score_samples
 
     policies = args.policies or [cfg.model.policy, str(Path(run_dir) / "policy")]
-    if len(policies) < 2:
-        raise ValueError("eval elo: give at least two --policies")
+    if len(policies) + (args.best_of > 0) < 2:
+        raise ValueError("eval elo: give at least two --policies, or one and --best-of N")
     paths = [resolve_model(p, cfg.model.cache_dir) for p in policies]
     pm_dir = _pm_dir(cfg, run_dir, args.pm)
     prompts = eval_prompts(cfg, args.num_prompts)
-    responses = []
-    for path in paths:
+
+    def sample(path: str, n: int) -> list[list[str]]:
         tok = load_tokenizer(path)
-        responses.append(sample_responses(load_policy(path, cfg.model.dtype), tok, prompts, 1,
-                                          cfg.generation.max_new_tokens, cfg.generation.temperature,
-                                          cfg.model.max_seq_len - cfg.generation.max_new_tokens, seed=cfg.seed,
-                                          fmt=model_format(path, cfg.model.conversation_format, tok)))
-    pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
-    scores = np.stack([score_samples(pm, pm_tok, prompts, r, cfg.model.max_seq_len, fmt=pm_format(pm_dir))[:, 0]
-                       for r in responses])
-    # Fractional wins: W[i, j] = Σ_prompts σ(r_i − r_j), the PM's preference probability.
-    diff = scores[:, None, :] - scores[None, :, :]
-    wins = (1 / (1 + np.exp(-diff))).sum(-1) * (1 - np.eye(len(paths)))
-    elo = fit_elo(wins)
+        return sample_responses(load_policy(path, cfg.model.dtype), tok, prompts, n,
+                                cfg.generation.max_new_tokens, cfg.generation.temperature,
+                                cfg.model.max_seq_len - cfg.generation.max_new_tokens, seed=cfg.seed,
+                                fmt=model_format(path, cfg.model.conversation_format, tok))
+
+    def scores_by(pm_path: str, responses: list[list[str]]) -> np.ndarray:
+        pm, pm_tok = load_scalar_head_model(pm_path, cfg.model.dtype)
+        return score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len, fmt=pm_format(pm_path))
+
     names = [p if not Path(p).exists() else "/".join(Path(p).resolve().parts[-2:]) for p in policies]
-    table = [{"model": n, "elo": float(e), "mean_pm_score": float(s.mean())} for n, e, s in zip(names, elo, scores)]
-    results = {"method": "PM as judge: each pair of policies answers the same held-out prompts; "
-                         "win = σ(r_a − r_b); Elo by maximum likelihood, win prob 1/(1+10^(−ΔElo/400)).",
-               "num_prompts": len(prompts), "pm": pm_dir, "table": table,
+    responses = [sample(path, max(1, args.best_of) if k == 0 else 1) for k, path in enumerate(paths)]
+    if args.best_of:
+        # The first policy's own player is its first sample; best-of-N picks among all N by the PM the
+        # policies were trained against, and the judge (--pm) rates the pick.
+        chooser = args.best_of_pm or pm_dir
+        pick = scores_by(chooser, responses[0]).argmax(1)
+        responses.append([r[i:i + 1] for r, i in zip(responses[0], pick)])
+        responses[0] = [r[:1] for r in responses[0]]
+        names.append(f"best-of-{args.best_of} of {names[0]}")
+    scores = np.stack([scores_by(pm_dir, r)[:, 0] for r in responses])
+    wins, ties = judged_wins(scores)
+    elo = fit_elo(wins)
+    # Fractional wins W[i, j] = Σ_prompts σ(r_i − r_j), the judge's preference probability.
+    soft = (1 / (1 + np.exp(-(scores[:, None, :] - scores[None, :, :])))).sum(-1) * (1 - np.eye(len(scores)))
+    elo_soft = fit_elo(soft)
+    means = scores.mean(1)
+    table = [{"model": n, "elo": float(e), "elo_soft": float(es),
+              "elo_174_pm": float(ELO_PER_PM_UNIT * (m - means.mean())), "mean_pm_score": float(m)}
+             for n, e, es, m in zip(names, elo, elo_soft, means)]
+    results = {"method": f"judge PM {pm_dir}: each pair of players answers the same {len(prompts)} held-out "
+                         "prompts; a game is won by the higher judge score, ties dropped (as the paper drops "
+                         "them); elo: maximum likelihood, win prob 1/(1+10^(−ΔElo/400)); elo_soft: the same "
+                         "fit to fractional wins σ(r_a − r_b); elo_174_pm: 174 × (mean judge score − mean of "
+                         "means), the paper's ΔElo ≈ 174 ΔPM."
+                         + (f" best-of-{args.best_of}: the best of {args.best_of} samples of {names[0]} by "
+                            f"{args.best_of_pm or pm_dir}." if args.best_of else ""),
+               "num_prompts": len(prompts), "pm": pm_dir, "ties_dropped": ties, "table": table,
                "win_matrix": wins.tolist(),
-               "predicted_vs_observed": [{"a": names[i], "b": names[j], "observed": wins[i, j] / len(prompts),
+               "predicted_vs_observed": [{"a": names[i], "b": names[j],
+                                          "observed": wins[i, j] / max(1, wins[i, j] + wins[j, i]),
                                           "predicted": float(win_probability(elo[i] - elo[j]))}
-                                         for i in range(len(paths)) for j in range(i + 1, len(paths))]}
+                                         for i in range(len(names)) for j in range(i + 1, len(names))]}
     folder = _save(run_dir, "elo", results)
     plot_elo(table, folder / "elo.png")
     for r in table:
-        print(f"{r['model']:<40} Elo {r['elo']:+7.1f}   mean PM score {r['mean_pm_score']:+.4f}")
-    print(f"saved to {folder}")
+        print(f"{r['model']:<40} Elo {r['elo']:+7.1f} (soft {r['elo_soft']:+7.1f}, 174·ΔPM {r['elo_174_pm']:+7.1f})"
+              f"   mean PM score {r['mean_pm_score']:+.4f}")
+    print(f"{ties} tied games dropped; saved to {folder}")
     return 0
 
 

@@ -118,6 +118,8 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
                   ppo_dir, resume=bool(complete_checkpoints(ppo_dir / PPO_CHECKPOINTS)))
     ppo_rows = read_metrics(ppo_dir, "ppo", last_per_step=True)
     checkpoints = [(0, None)] + policy_checkpoints(ppo_dir)
+    if len(checkpoints) == 1:  # a curve of π₀ alone would report "no divergence" about nothing
+        raise FileNotFoundError(f"robustness: PPO left no complete checkpoint in {ppo_dir / PPO_CHECKPOINTS}")
     prompts = list(dict.fromkeys(c.prompt for c in held_out))[: args.num_prompts]
     rewards = score_checkpoints(cfg, checkpoints, pms, prompts, args.samples_per_prompt)
 
@@ -125,7 +127,7 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
     kls = [checkpoint_kl(ppo_rows, it) for it in iterations]
     table = robustness_table(iterations, [kl for kl, _ in kls], rewards["train_pm"], rewards["test_pm"],
                              [v for _, v in kls])
-    k, why = divergence_point(rewards["train_pm"], rewards["test_pm"], args.gap_threshold)
+    k, why = divergence_point(rewards["train_pm"], rewards["test_pm"], args.gap_threshold, args.min_move)
     pm_acc = {}
     for name in pms:
         ev = folder / name / "pm_eval" / "pm_eval.json"  # train_pm's held-out evaluation
@@ -140,11 +142,11 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
                           f"{args.samples_per_prompt} (HF generate, same seed), mean score by both PMs. Curves are "
                           "gains over π₀; KL from the PPO metrics, measured on the rollouts of the policy version in "
                           "kl_of_version (the checkpoint's own, or the one before for the last). Divergence: " + RULE
-                          + f"; threshold {args.gap_threshold:g}."),
+                          + f"; threshold {args.gap_threshold:g}, min_move {args.min_move:g}."),
                "finding": finding,
                "divergence_iteration": table[k]["iteration"] if k is not None else "none",
                "divergence_sqrt_kl": table[k]["sqrt_kl"] if k is not None else "none",
-               "gap_threshold": args.gap_threshold, "split_seed": cfg.seed,
+               "gap_threshold": args.gap_threshold, "min_move": args.min_move, "split_seed": cfg.seed,
                "train_pm_comparisons": len(half_train), "test_pm_comparisons": len(half_test),
                **pm_acc, "train_pm": pms["train_pm"], "test_pm": pms["test_pm"], "ppo_run": str(ppo_dir),
                "table": table}
