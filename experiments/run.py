@@ -4,8 +4,8 @@ beside it and docs/results/report.html.
     .venv/bin/python experiments/run.py --hh-data ../shared/data/hh-rlhf/harmless-base
 
 Each experiment is one or more `hh-ray` commands run in RUNS/ (default runs/experiments); a command
-whose output is already there is not run again, so a run cut short continues where it stopped, and
-`--only NAME` redoes the collection of one experiment. What each experiment is and why it is set up
+whose output is already there is not run again, and one cut short continues (--resume, or for
+`eval robustness` by itself), so running this again after an interruption picks up where it stopped. What each experiment is and why it is set up
 so is in experiments/README.md.
 
 One PPO run serves four experiments: the robustness run (configs/robustness.yaml: PPO against the PM
@@ -40,12 +40,15 @@ BEST_OF_N_PROMPTS = 32
 MIN_MOVE = 0.1  # `hh-ray eval robustness --min-move`'s default
 
 
-def run(cmd: list[str], done: Path, log: Path) -> float:
-    """Run one hh-ray command unless `done` exists; its output goes to `log`. Seconds taken, or the
-    seconds recorded when it last ran (so a resumed experiment keeps its real time)."""
+def run(cmd: list[str], done: Path, log: Path, resumable: Path | None = None) -> float:
+    """Run one hh-ray command unless `done` exists; its output goes to `log`. A `resumable` run folder
+    that an interrupted run left (its config.yaml written) is continued with --resume. Seconds taken,
+    or the seconds recorded when it last ran."""
     stamp = log.with_suffix(".seconds")
     if done.exists():
         return float(stamp.read_text()) if stamp.exists() else 0.0
+    if resumable is not None and (resumable / "config.yaml").exists():
+        cmd = cmd + ["--resume"]
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}   (log: {log})", flush=True)
     t = time.time()
@@ -70,7 +73,7 @@ def pm_real(runs: Path, hh_data: Path) -> dict:
     cmd = HH_RAY + ["train-pm", "--config", "configs/demo.yaml", "--run-dir", str(out),
                     "--data.source", str(hh_data / "test.jsonl.gz"), "--data.skip_bad", "true",
                     "--data.eval_fraction", "0.2", "--model.max_seq_len", "256", "--pm.epochs", "1"]
-    seconds = run(cmd, out / "pm_eval" / "pm_eval.json", runs / "logs" / "pm_real.log")
+    seconds = run(cmd, out / "pm_eval" / "pm_eval.json", runs / "logs" / "pm_real.log", resumable=out)
     ev = load(out / "pm_eval" / "pm_eval.json")
     data = read_metrics(out, "pm_data")[-1]
     return {"commands": [shlex.join(cmd)], "seconds": seconds,
@@ -152,7 +155,7 @@ def online(runs: Path, rob: dict, rounds: int = 2) -> dict:
     cmd = HH_RAY + ["online", "--config", "configs/demo.yaml", "--run-dir", str(out), "--online.rounds", str(rounds),
                     "--online.comparisons_per_round", "64", "--online.labeler", f"pm:{rob['_test_pm']}",
                     "--online.ppo_iterations", "8"]
-    seconds = run(cmd, out / f"round-{rounds - 1}" / "summary.json", runs / "logs" / "online.log")
+    seconds = run(cmd, out / f"round-{rounds - 1}" / "summary.json", runs / "logs" / "online.log", resumable=out)
     rows = [load(out / f"round-{k}" / "summary.json") for k in range(rounds)]
     return {"commands": [shlex.join(cmd)], "seconds": seconds, "rounds": rounds,
             "previous_pm_accuracy_on_new": [r.get("pm_accuracy_fresh_before") for r in rows],
