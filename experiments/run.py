@@ -5,8 +5,8 @@ beside it and docs/results/report.html.
 
 Each experiment is one or more `hh-ray` commands run in RUNS/ (default runs/experiments); a command
 whose output is already there is not run again, and one cut short continues (--resume, or for
-`eval robustness` by itself), so running this again after an interruption picks up where it stopped. What each experiment is and why it is set up
-so is in experiments/README.md.
+`eval robustness` by itself), so running this again after an interruption picks up where it stopped.
+What each experiment is and why it is set up so is in experiments/README.md.
 
 One PPO run serves four experiments: the robustness run (configs/robustness.yaml: PPO against the PM
 trained on one half of the synthetic comparisons) gives reward vs √KL (train PM), the RL curve that
