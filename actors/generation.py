@@ -31,7 +31,7 @@ import torch
 from hh_ray.config import GenerationConfig, parse_resources
 from hh_ray.conversation import end_of_turn_token_ids, stop_strings
 from hh_ray.rollout import RolloutBatch, tokens_before_stop
-from hh_ray.runtime import gpus_for, set_torch_threads, worker_env
+from hh_ray.runtime import gpus_for, malloc_in_use, set_torch_threads, worker_env
 from hh_ray.weights import as_tensors
 
 
@@ -257,7 +257,7 @@ class GenerationWorker:
     def info(self) -> dict:
         return {"version": self._version, "pid": os.getpid(), "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
                 "pad_id": self.pad_id, "weight_sync": self.gen_cfg.weight_sync,
-                "node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids()}
+                "node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids(), "malloc": malloc_in_use()}
 
 
 def start_generation_worker(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,

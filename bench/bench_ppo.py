@@ -53,32 +53,33 @@ class PeakRSS:
     def __init__(self, every: float = 0.5):
         self.peak, self.every, self._stop = 0, every, threading.Event()
         self.at_peak: dict[str, int] = {}
-        self.shmem_at_peak = 0
+        self.shmem_at_peak: dict[str, int] = {}
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
             by_name: dict[str, int] = {}
-            shmem = 0
+            shmem_by_name: dict[str, int] = {}
             for p in [me] + me.children(recursive=True):
                 try:
                     name = process_name(p)
                     by_name[name] = by_name.get(name, 0) + p.memory_info().rss
-                    shmem += shmem_rss(p.pid)
+                    shmem_by_name[name] = shmem_by_name.get(name, 0) + shmem_rss(p.pid)
                 except (psutil.Error, OSError):
                     pass
             total = sum(by_name.values())
             if total > self.peak:
-                self.peak, self.at_peak, self.shmem_at_peak = total, by_name, shmem
+                self.peak, self.at_peak, self.shmem_at_peak = total, by_name, shmem_by_name
             self._stop.wait(self.every)
 
     def breakdown(self, top: int = 16) -> str:
         rows = sorted(self.at_peak.items(), key=lambda kv: -kv[1])
         rest = sum(v for _, v in rows[top:])
+        shared = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.shmem_at_peak.items() if v >= 2**24)
         return (", ".join(f"{k} {v / 2**30:.2f}" for k, v in rows[:top]) + f", other {rest / 2**30:.2f} GiB; "
                 f"of the total, shared-memory pages (object store, counted once per process that maps them) "
-                f"{self.shmem_at_peak / 2**30:.2f} GiB")
+                f"{sum(self.shmem_at_peak.values()) / 2**30:.2f} GiB ({shared or 'none over 16 MiB'})")
 
     def __enter__(self):
         self._t.start()
@@ -116,37 +117,47 @@ MODES = {"sync": {"ppo.mode": "sync"}, "async": {"ppo.mode": "async"}, "fp32": F
          "ppo-lora": LORA,
          "grpo": {**GROUPS, "ppo.advantage_estimator": "grpo"}, "rloo": {**GROUPS, "ppo.advantage_estimator": "rloo"},
          "grpo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "grpo"},
-         "rloo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "rloo"}}
+         "rloo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "rloo"},
+         "sync-jemalloc": {"ppo.mode": "sync"}, "sync-mb4": {"ppo.mode": "sync", "ppo.micro_batch_size": 4}}
+# Modes that differ in the environment the run's processes get (hh_ray.runtime.worker_env).
+ENV = {"sync-jemalloc": {"HH_RAY_TRAINING_MALLOC": "jemalloc"}}
 
 
 def model_shape(path: str) -> dict:
-    """What the FLOP count needs: decoder parameters, layers, hidden size, vocabulary."""
+    """What the FLOP count needs: decoder parameters, layers, hidden size, vocabulary (counted on
+    the meta device: no weights loaded into this process, whose memory the peak RSS includes)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     c = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(c)
     body = sum(p.numel() for n, p in model.model.named_parameters() if "embed_tokens" not in n)
     return {"body": body, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size}
 
 
-def iteration_gflop(shape: dict, row: dict, epochs: int, critic: bool = True) -> dict[str, dict[str, float]]:
+def iteration_gflop(shape: dict, row: dict, epochs: int, critic: bool = True,
+                    fused: bool = True) -> dict[str, dict[str, float]]:
     """Model GFLOP of one PPO iteration by phase and by the precision it runs in ('model':
     model.dtype; 'autocast': ppo.autocast), from the shapes: a forward costs 2 x decoder
     parameters per token, plus causal attention (4 x layers x hidden x half the sequence per
     token) and the output layer (2 x hidden x vocab) where a token is predicted; a backward
     twice the forward. Generation (vLLM, model.dtype): one forward over every prompt and
-    response token. Scoring: the PM's forward (autocast). No-grad passes: the reference
-    log-probs (model.dtype, so the KL is exact), the old log-probs and values (autocast).
-    Updates: policy and critic forward+backward per epoch. Padding is not counted."""
+    response token. Scoring: the PM's forward (autocast). Reference: pi0's log-probs (model.dtype,
+    so the KL is exact); the old log-probs are vLLM's, no pass. Values: the critic's step whose
+    forward gives the old values (`fused`: one epoch over one minibatch), else a no-grad forward
+    and the critic's steps count with the updates. Updates: policy (and critic) forward+backward
+    per epoch. Padding is not counted."""
     tokens, generated = row["tokens_sequences"], row["tokens_generated"]
     seq = tokens / row["samples"]
     per_token = 2 * shape["body"] + 4 * shape["layers"] * shape["hidden"] * seq / 2
     head = 2 * shape["hidden"] * shape["vocab"] * generated
     body = per_token * tokens
     policy, value = (body + head) / 1e9, (body if critic else 0.0) / 1e9
-    return {"generate": {"model": policy}, "score": {"autocast": body / 1e9},
-            "no-grad passes": {"model": policy, "autocast": policy + value},
-            "updates": {"autocast": epochs * 3 * (policy + value)}}
+    fused = fused and critic
+    return {"generate": {"model": policy}, "score": {"autocast": body / 1e9}, "reference": {"model": policy},
+            "values": {"autocast": 3 * value if fused else value},
+            "updates": {"autocast": epochs * 3 * (policy + (0.0 if fused else value))}}
 
 
 def limit_fractions(gflop: dict, seconds: dict, limits: dict) -> dict[str, float]:
@@ -201,7 +212,13 @@ def main() -> None:
     shape = model_shape(policy)
     ensure_ray()
     results, breakdowns, autocasts = {}, {}, {}
-    for mode in args.modes.split(","):
+    columns = args.modes.split(",")
+    for k, column in enumerate(columns):
+        # a mode given twice (interleaved, on a machine whose speed drifts) gets a column each
+        mode = column.split("#")[0]
+        column = column if columns.count(column) == 1 else f"{column}#{columns[:k + 1].count(column)}"
+        saved_env = {key: os.environ.get(key) for key in ENV.get(mode, {})}
+        os.environ.update(ENV.get(mode, {}))
         cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml", {
             **MODES[mode],
             "model.policy": policy, "model.pm": pm, "ppo.iterations": args.iterations,
@@ -213,16 +230,19 @@ def main() -> None:
         t0 = time.time()
         with PeakRSS() as mem:
             train_ppo(cfg, run_dir)
+        for key, value in saved_env.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         rows = read_metrics(run_dir, "ppo")
         steady = steady_rows(rows, cfg.ppo.mode)
-        results[mode] = {
+        results[column] = {
             "samples/s (steady)": sum(r["samples"] for r in steady) / sum(r["time_iteration"] for r in steady),
             "s/iteration (steady)": statistics.mean(r["time_iteration"] for r in steady),
             "s/iteration (first)": rows[0]["time_iteration"],
             "generate s": statistics.mean(r["time_generate"] for r in steady),
             "score s": statistics.mean(r["time_score"] for r in steady),
             "learn s": statistics.mean(r["time_learn"] for r in steady),
-            "  no-grad passes s": statistics.mean(r["time_learn_forward"] for r in steady),
+            "  reference s": statistics.mean(r["time_learn_reference"] for r in steady),
+            "  values s": statistics.mean(r["time_learn_forward"] - r["time_learn_reference"] for r in steady),
             "  updates s": statistics.mean(r["time_learn_update"] for r in steady),
             "sync s": statistics.mean(r["time_sync"] for r in steady),
             "tokens/iteration": statistics.mean(r["tokens_generated"] for r in steady),
@@ -234,18 +254,20 @@ def main() -> None:
         precision = {"model": saved["model"]["dtype"],
                      "autocast": "bfloat16" if saved["ppo"]["autocast"] == "bfloat16" else saved["model"]["dtype"]}
         limits = {kind: speed[f"machine {dtype} matmul GFLOP/s"] for kind, dtype in precision.items()}
-        per_row = [iteration_gflop(shape, r, cfg.ppo.epochs, needs_critic(cfg.ppo.advantage_estimator)) for r in steady]
+        fused = cfg.ppo.fuse_value_pass and cfg.ppo.epochs == 1 and cfg.ppo.minibatch_size >= cfg.ppo.rollout_batch_size
+        per_row = [iteration_gflop(shape, r, cfg.ppo.epochs, needs_critic(cfg.ppo.advantage_estimator), fused)
+                   for r in steady]
         gflop = {phase: {kind: statistics.mean(r[phase][kind] for r in per_row) for kind in parts}
                  for phase, parts in per_row[0].items()}
-        res = results[mode]
-        seconds = {"generate": res["generate s"], "score": res["score s"], "no-grad passes": res["  no-grad passes s"],
-                   "updates": res["  updates s"], "iteration": res["s/iteration (steady)"]}
+        res = results[column]
+        seconds = {"generate": res["generate s"], "score": res["score s"], "reference": res["  reference s"],
+                   "values": res["  values s"], "updates": res["  updates s"], "iteration": res["s/iteration (steady)"]}
         res["model GFLOP/iteration"] = sum(sum(parts.values()) for parts in gflop.values())
         for phase, fraction in limit_fractions(gflop, seconds, limits).items():
             res[f"% of matmul limit: {phase}"] = 100 * fraction
         res["generated tokens/s"] = res["tokens/iteration"] / res["generate s"]
-        autocasts[mode] = saved["ppo"]["autocast"]
-        breakdowns[mode] = mem.breakdown()
+        autocasts[column] = saved["ppo"]["autocast"]
+        breakdowns[column] = mem.breakdown()
         shutil.rmtree(run_dir)  # its final checkpoint alone is ~4 GB
     from hh_ray.runtime import processor_name
 

@@ -50,6 +50,13 @@ def judged_wins(scores: np.ndarray) -> tuple[np.ndarray, int]:
     return w, ties
 
 
+def soft_wins(scores: np.ndarray) -> np.ndarray:
+    """Fractional wins from a judge's scores [players, prompts]: W[i, j] = Σ_prompts σ(s_i − s_j),
+    the judge's preference probability of i over j read as a share of a game (no ties to drop)."""
+    s = np.asarray(scores, dtype=float)
+    return (1 / (1 + np.exp(-(s[:, None, :] - s[None, :, :])))).sum(-1) * (1 - np.eye(len(s)))
+
+
 def fit_elo(wins: np.ndarray, iterations: int = 10_000, tol: float = 1e-10) -> np.ndarray:
     """Maximum-likelihood Elo ratings (mean 0) from a win matrix W[i, j] = wins of i over j.
 

@@ -97,7 +97,7 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": worker_env()}),
+                             worker_runtime_env={"env_vars": worker_env(trains=True)}),
     )
 
 

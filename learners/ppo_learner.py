@@ -43,7 +43,7 @@ from hh_ray.lora import AdapterView, adapters_off, add_lora, hf_state_dict, merg
 from hh_ray.config import Config, parse_resources
 from hh_ray.models import autocast, load_policy, set_attention_for, load_scalar_head_model, load_tokenizer, response_logits, save_model, token_values
 from hh_ray.rollout import RolloutBatch
-from hh_ray.runtime import derive_seed, device, gpus_for, worker_env
+from hh_ray.runtime import derive_seed, device, gpus_for, malloc_in_use, worker_env
 from hh_ray.weights import weights_for_sync
 from learners.group import torch_trainer
 from learners.kit import (adamw, all_reduce_mean, all_reduce_sum, clip_and_step, no_sync_unless, restore_checkpoint,
@@ -184,15 +184,17 @@ class PPOWorker:
         return dict(self.saved), optimizers
 
     def ready(self) -> dict:
-        """What the group announces when it starts: every rank's pid and placement, and
-        the weights it holds."""
-        me = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
+        """What the group announces when it starts: every rank's pid and placement. No weights:
+        the generators start from the same policy, and a put here would hold 0.5 GB of object
+        store pages in this process for nothing (`publish` gives them when needed)."""
+        me = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device),
+              "malloc": malloc_in_use()}
         ranks = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(ranks, me)
         else:
             ranks = [me]
-        return {"pids": [r["pid"] for r in ranks], "placement": ranks, "weights": self.publish()}
+        return {"pids": [r["pid"] for r in ranks], "placement": ranks}
 
     # ---- one PPO iteration on this worker's shard
 
@@ -202,6 +204,7 @@ class PPOWorker:
         shard = whole.select(whole.shard_rows(self.rank, self.world)).to(self.device)  # whole groups
         self.set_lr(iteration)
         ref_logp = self.reference_logprobs(shard)
+        t_reference = time.time() - t0
         if not self.has_critic:
             values, stats = torch.zeros_like(shard.behaviour_logprobs), {}
         elif self.fused(shard):
@@ -215,7 +218,8 @@ class PPOWorker:
                                         train_critic=self.has_critic and not self.fused(shard))}
         metrics = all_reduce_mean({**stats, "kl": float(exp.kl_k1.mean()), "reward_total": float(exp.reward_total.mean()),
                                    "staleness": float((iteration - shard.policy_version).float().mean()),
-                                   "time_learn_forward": t_forward, "time_learn_update": time.time() - t0 - t_forward})
+                                   "time_learn_reference": t_reference, "time_learn_forward": t_forward,
+                                   "time_learn_update": time.time() - t0 - t_forward})
         return {"metrics": metrics,
                 # the KL of the logged samples (rank 0's first rows, RolloutBatch.shard_rows)
                 "sample_kl": exp.kl_k1[: self.p.log_samples].tolist()}
@@ -416,7 +420,7 @@ class PPOLearnerGroup:
                 **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}),
             run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train"),
                                  failure_config=FailureConfig(max_failures=cfg.ppo.max_learner_restarts),
-                                 worker_runtime_env={"env_vars": worker_env()}),
+                                 worker_runtime_env={"env_vars": worker_env(trains=True)}),
         )
         self.client = CommandClient(commands, self.results, RESULT_TIMEOUT_S)
         self._thread = threading.Thread(target=self._fit, daemon=True, name="ppo-learner-group")
@@ -432,7 +436,7 @@ class PPOLearnerGroup:
         post_fit_ended(self.results, error)
 
     def _on_ready(self, ready: dict) -> None:
-        self.pids, self.placement, self._initial_weights = ready["pids"], ready["placement"], ready["weights"]
+        self.pids, self.placement = ready["pids"], ready["placement"]
 
     def _call(self, name: str, **args) -> dict:
         try:
@@ -446,12 +450,6 @@ class PPOLearnerGroup:
         restarted = LearnerGroupRestarted("the learner group restarted after a worker failure", self.client.wait_ready())
         self.pids = restarted.pids
         return restarted
-
-    def take_initial_weights(self) -> list:
-        """[ObjectRef] to the weights the group started with. The group keeps no ref:
-        with one live version at a time the object store reuses its pages."""
-        weights, self._initial_weights = self._initial_weights, None
-        return weights
 
     def train(self, batch_ref, iteration: int) -> tuple[dict, list[float]]:
         """One PPO update on a rollout batch (an ObjectRef); returns (metrics, the KL of the

@@ -62,11 +62,11 @@ class Result:
 
 class LearnerGroupRestarted(RuntimeError):
     """A learner worker died and Ray Train restarted the group: it holds the weights it
-    started with (`.weights`, [ObjectRef]) until the controller restores a checkpoint."""
+    started with until the controller restores a checkpoint."""
 
     def __init__(self, message: str, ready: dict):
         super().__init__(message)
-        self.weights, self.pids = ready["weights"], ready["pids"]
+        self.pids = ready["pids"]
 
 
 class LearnerError(RuntimeError):

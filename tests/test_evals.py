@@ -13,7 +13,7 @@ import pytest
 
 from hh_ray.best_of_n import (best_of_n_curve, best_of_n_kl_exact, best_of_n_kl_log_n, expected_best_of_n,
                               max_weights)
-from hh_ray.elo import (ELO_PER_PM_UNIT, elo_difference, fit_elo, judged_wins, log_likelihood, win_matrix,
+from hh_ray.elo import (ELO_PER_PM_UNIT, elo_difference, fit_elo, judged_wins, log_likelihood, soft_wins, win_matrix,
                         win_probability)
 from hh_ray.ood import (OODDetector, auroc, diagonal_mahalanobis, fit_gaussian, fit_linear_probe, mahalanobis,
                         relative_mahalanobis)
@@ -37,6 +37,15 @@ def test_judged_wins_count_the_higher_score_and_drop_ties():
     w, ties = judged_wins(scores)
     assert w.tolist() == [[0, 1, 1], [1, 0, 1], [2, 2, 0]]
     assert ties == 1
+
+
+def test_soft_wins_by_hand():
+    # Two players, two prompts: gaps +1 and -1 give σ(1) + σ(-1) = 1 game each way; a gap of 0 is half a game.
+    w = soft_wins(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    assert w.tolist() == pytest.approx([[0.0, 1.0], [1.0, 0.0]])
+    w = soft_wins(np.array([[2.0], [2.0], [0.0]]))
+    s2 = 1 / (1 + math.exp(-2))
+    assert w == pytest.approx(np.array([[0, 0.5, s2], [0.5, 0, s2], [1 - s2, 1 - s2, 0]]))
 
 
 def test_174_elo_per_pm_unit():

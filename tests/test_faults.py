@@ -200,7 +200,7 @@ class CountingWorker:
         self.calls, self.hold, self.started = [], {}, threading.Event()
 
     def ready(self):
-        return {"pids": [os.getpid()], "weights": [None]}
+        return {"pids": [os.getpid()]}
 
     def train(self, iteration):
         self.started.set()

@@ -46,6 +46,9 @@ def test_reward_rises_with_two_generators_and_two_learners(full_run):
     [placement] = read_metrics(run_dir, "placement")
     assert len(placement["generation"]) == 2 and len(placement["learners"]) == 2 and placement["pm"]["node_id"]
     assert all(r["device"] == "cpu" for r in placement["learners"])
+    # the learners train on glibc with huge pages, the generators infer on jemalloc (runtime.worker_env)
+    assert [r["malloc"] for r in placement["learners"]] == ["glibc", "glibc"]
+    assert [g["malloc"] for g in placement["generation"]] == ["jemalloc", "jemalloc"]
     assert (run_dir / "reward_vs_sqrt_kl.png").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
     # the final policy is a normal HF folder, which records the format it was trained in

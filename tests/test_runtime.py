@@ -1,6 +1,7 @@
 """What every process sets up alike (hh_ray/runtime.py): seeds, the precision for the hardware."""
 
 import json
+import os
 
 import pytest
 
@@ -74,3 +75,30 @@ def test_a_resumed_tracker_drops_the_torn_row_before_appending(tmp_path):
     tracker.log(2, {"x": 1.0})
     tracker.close()
     assert [r["step"] for r in read_metrics(tmp_path, "ppo")] == [1, 2]
+
+
+def test_learners_get_glibc_with_huge_pages_and_the_other_actors_jemalloc(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(runtime.TRAINING_MALLOC, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(runtime, "ray_jemalloc", lambda: "/ray/libjemalloc.so")
+    assert runtime.worker_env()["LD_PRELOAD"] == "/ray/libjemalloc.so"
+    trains = runtime.worker_env(trains=True)
+    # "" overrides the jemalloc that the job's runtime_env gives every worker
+    assert trains["LD_PRELOAD"] == "" and trains["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    monkeypatch.setenv(runtime.TRAINING_MALLOC, "jemalloc")
+    assert runtime.worker_env(trains=True)["LD_PRELOAD"] == "/ray/libjemalloc.so"
+    monkeypatch.setenv("LD_PRELOAD", "/my/allocator.so")  # the user's own choice: left to every process
+    assert "LD_PRELOAD" not in runtime.worker_env(trains=True) and "LD_PRELOAD" not in runtime.worker_env()
+
+
+def test_malloc_in_use_reads_the_process_it_runs_in():
+    import subprocess
+    import sys
+
+    jemalloc = runtime.ray_jemalloc()
+    assert jemalloc, "Ray ships libjemalloc.so"
+    ask = [sys.executable, "-c", "from hh_ray.runtime import malloc_in_use; print(malloc_in_use())"]
+    for preload, want in (("", "glibc"), (jemalloc, "jemalloc")):
+        out = subprocess.run(ask, env={**os.environ, "LD_PRELOAD": preload}, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want

@@ -26,7 +26,7 @@ class Worker:
         self.calls = []
 
     def ready(self):
-        return {"pids": [1], "weights": ["w0"]}
+        return {"pids": [1], "placement": ["node-a"]}
 
     def train(self, iteration):
         self.calls.append(iteration)
@@ -45,7 +45,7 @@ def test_commands_are_answered_in_order_and_errors_carry_the_traceback():
     commands, results, worker = Channel(), Channel(), Worker()
     thread = start(worker, commands, results)
     client = CommandClient([commands], results, timeout_s=10)
-    assert client.wait_ready()["weights"] == ["w0"]
+    assert client.wait_ready()["placement"] == ["node-a"]
     assert client.call("train", iteration=1) == {"trained": 1}
     with pytest.raises(LearnerError, match=r"(?s)rank 0 failed in 'train'.*ValueError: bad batch") as raised:
         client.call("train", iteration=99)
@@ -59,17 +59,17 @@ def test_commands_are_answered_in_order_and_errors_carry_the_traceback():
 def test_a_late_answer_is_discarded_and_a_restart_is_seen_at_the_next_call():
     commands, results = Channel(), Channel()
     client = CommandClient([commands], results, timeout_s=10)
-    results.put(Result(-1, "first", "ready", {"pids": [1], "weights": ["w0"]}))
+    results.put(Result(-1, "first", "ready", {"pids": [1]}))
     client.wait_ready()
     # an answer to an older command (seq 0) arrives before the one the client waits for
     results.put(Result(0, "first", "train", {"trained": "stale"}))
     results.put(Result(1, "first", "train", {"trained": "current"}))
     assert client.call("train", iteration=1) == {"trained": "current"}
     # the group restarted meanwhile: its announcement comes before any answer
-    results.put(Result(-1, "second", "ready", {"pids": [2], "weights": ["w-start"]}))
+    results.put(Result(-1, "second", "ready", {"pids": [2]}))
     with pytest.raises(LearnerGroupRestarted) as e:
         client.call("train", iteration=2)
-    assert e.value.weights == ["w-start"] and e.value.pids == [2]
+    assert e.value.pids == [2]
     # a late answer of the dead incarnation to the same seq number is not taken for the new one's
     results.put(Result(3, "first", "restore", {"path": "old"}))
     results.put(Result(3, "second", "restore", {"path": "new"}))

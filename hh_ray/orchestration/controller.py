@@ -144,10 +144,8 @@ class RLHFController:
         self.learners = PPOLearnerGroup(cfg, LearnerPaths(self.policy_path, critic, str(ckpt) if ckpt else None),
                                         self.run_dir, self.queue)
         self.rollouts.fetch_weights = self.learners.publish
-        initial = self.learners.take_initial_weights()[0]
         if ckpt:  # generators start from the initial policy; bring them to the checkpoint's version
-            self.rollouts.sync_weights(self.state["policy_version"], initial)
-        del initial
+            self.rollouts.sync_weights(self.state["policy_version"], self.learners.publish()[0])
         print(f"actors ready in {time.time() - t0:.1f}s: {cfg.generation.num_workers} generation worker(s), "
               f"PM service, {cfg.ppo.num_learners} learner(s); weight sync: {cfg.generation.weight_sync}", flush=True)
         self.log_placement()
@@ -270,7 +268,7 @@ class RLHFController:
             weights = self.learners.restore(ckpt)[0]
             saved = read_state(ckpt)
         else:  # no checkpoint yet: the restarted group holds the weights the run started with
-            weights, saved = restarted.weights[0], self.initial_state
+            weights, saved = self.learners.publish()[0], self.initial_state
         self.state = {**saved, "restarts": restarts}
         self.rollouts.drain()
         self.rollouts.sync_weights(self.state["policy_version"], weights)

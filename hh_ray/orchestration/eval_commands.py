@@ -7,6 +7,7 @@ picks up. The math is in best_of_n.py, elo.py, ood.py / ood_eval.py and robustne
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     of the first policy by the --best-of-pm); every pair plays each prompt, judged by --pm. Elo by
     maximum likelihood from the judge's wins, ties dropped as the paper drops them (`elo`), beside the
     fractional wins σ(r_a − r_b) (`elo_soft`) and the paper's rule of thumb ΔElo ≈ 174·ΔPM (`elo_174_pm`)."""
-    from hh_ray.elo import ELO_PER_PM_UNIT, fit_elo, judged_wins, win_probability
+    from hh_ray.elo import ELO_PER_PM_UNIT, fit_elo, judged_wins, soft_wins, win_probability
     from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, resolve_model
     from hh_ray.sampling import sample_responses, score_samples
 
@@ -127,8 +128,12 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
                                 cfg.model.max_seq_len - cfg.generation.max_new_tokens, seed=cfg.seed,
                                 fmt=model_format(path, cfg.model.conversation_format, tok))
 
+    @functools.cache
+    def judge(pm_path: str):
+        return load_scalar_head_model(pm_path, cfg.model.dtype)
+
     def scores_by(pm_path: str, responses: list[list[str]]) -> np.ndarray:
-        pm, pm_tok = load_scalar_head_model(pm_path, cfg.model.dtype)
+        pm, pm_tok = judge(pm_path)  # each PM loaded once, however many players it scores
         return score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len, fmt=pm_format(pm_path))
 
     names = [p if not Path(p).exists() else "/".join(Path(p).resolve().parts[-2:]) for p in policies]
@@ -144,9 +149,7 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     scores = np.stack([scores_by(pm_dir, r)[:, 0] for r in responses])
     wins, ties = judged_wins(scores)
     elo = fit_elo(wins)
-    # Fractional wins W[i, j] = Σ_prompts σ(r_i − r_j), the judge's preference probability.
-    soft = (1 / (1 + np.exp(-(scores[:, None, :] - scores[None, :, :])))).sum(-1) * (1 - np.eye(len(scores)))
-    elo_soft = fit_elo(soft)
+    elo_soft = fit_elo(soft_wins(scores))
     means = scores.mean(1)
     table = [{"model": n, "elo": float(e), "elo_soft": float(es),
               "elo_174_pm": float(ELO_PER_PM_UNIT * (m - means.mean())), "mean_pm_score": float(m)}

@@ -74,7 +74,7 @@ class RolloutProducer:
 
     def placement(self) -> dict:
         """Node (and GPUs) of every generation worker and of the PM service."""
-        return {"generation": [{k: i[k] for k in ("node_id", "gpus", "pid")} for i in self.pool.infos()],
+        return {"generation": [{k: i[k] for k in ("node_id", "gpus", "pid", "malloc")} for i in self.pool.infos()],
                 "pm": ray.get(self.scorer.placement.remote())}
 
     # ---- one batch
