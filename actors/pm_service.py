@@ -22,7 +22,7 @@ import asyncio
 import ray
 
 from hh_ray.conversation import render_transcript
-from hh_ray.runtime import device, set_torch_threads, worker_env
+from hh_ray.runtime import device, resolve_autocast, set_torch_threads, worker_env
 
 
 @ray.remote
@@ -41,8 +41,9 @@ class PMScorer:
         self.batch_wait = batch_wait_ms / 1000
         # 'bfloat16': the forward's matmuls in bf16. On the demo's trained PM (32 transcripts)
         # scores moved by -0.25 +- 0.22 against fp32 (score std 3.5, correlation 0.9993), and
-        # the preferred response of 62 of 64 pairs stayed the same.
-        self.autocast = autocast
+        # the preferred response of 62 of 64 pairs stayed the same. 'auto' is resolved here, on
+        # the device this service got, which need not be the learners' (ppo.pm_service_gpus).
+        self.autocast, self.autocast_why = resolve_autocast(autocast)
         self.conversation_format = conversation_format
         self._pending: list[tuple[list[list[str]], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
@@ -78,7 +79,8 @@ class PMScorer:
             s += n
 
     def placement(self) -> dict:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids(), "device": self.device}
+        return {"node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids(), "device": self.device,
+                "autocast": self.autocast, "autocast_why": self.autocast_why}
 
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """PM score of each conversation: an HH prompt and the assistant's response, rendered in

@@ -64,6 +64,19 @@ def response_ids(batch: RolloutBatch) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.response_mask)]
 
 
+def test_pm_service_resolves_auto_autocast_on_its_own_device(ray_cluster, pm_dir):
+    from hh_ray.runtime import resolve_autocast
+
+    auto = start_pm_scorer(pm_dir, max_len=256, autocast="auto")
+    try:
+        where = ray.get(auto.placement.remote(), timeout=120)
+        # on this machine's CPU, as this process would choose; and it says why
+        assert (where["autocast"], where["autocast_why"]) == resolve_autocast("auto")
+        assert where["device"] == "cpu" and "matmul" in where["autocast_why"]
+    finally:
+        ray.kill(auto)
+
+
 def test_rollouts_scored_and_queued(pool, pm, pm_dir, prompts):
     texts, ids = prompts
     batch = pool.generate(ids, texts, temperature=1.0, seed=7)

@@ -42,10 +42,10 @@ def test_judged_wins_count_the_higher_score_and_drop_ties():
 def test_soft_wins_by_hand():
     # Two players, two prompts: gaps +1 and -1 give σ(1) + σ(-1) = 1 game each way; a gap of 0 is half a game.
     w = soft_wins(np.array([[1.0, 0.0], [0.0, 1.0]]))
-    assert w.tolist() == pytest.approx([[0.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(w, [[0.0, 1.0], [1.0, 0.0]])
     w = soft_wins(np.array([[2.0], [2.0], [0.0]]))
     s2 = 1 / (1 + math.exp(-2))
-    assert w == pytest.approx(np.array([[0, 0.5, s2], [0.5, 0, s2], [1 - s2, 1 - s2, 0]]))
+    np.testing.assert_allclose(w, [[0, 0.5, s2], [0.5, 0, s2], [1 - s2, 1 - s2, 0]])
 
 
 def test_174_elo_per_pm_unit():

@@ -103,7 +103,9 @@ class RLHFController:
         self.policy_path, self.pm_path = resolve_paths(cfg)
         # Every part of the run reads the resolved format from the config (and config.yaml shows it).
         self.cfg = cfg = with_value(cfg, "model.conversation_format", check_config(cfg, self.policy_path, self.pm_path))
-        # ppo.autocast is for the learners and the PM service, which may have GPUs this driver lacks.
+        # ppo.autocast: resolved here for the learners, which may have GPUs this driver lacks; the PM
+        # service resolves the setting as given on its own device (the placement row says what it chose).
+        pm_autocast = cfg.ppo.autocast
         self.cfg = cfg = with_resolved_autocast(
             cfg, "ppo.autocast", gpus_for(cfg.ppo.gpus_per_learner, ray.cluster_resources().get("GPU", 0), 1) > 0)
         # auto: broadcast, which every engine takes; the object store if its group cannot form.
@@ -138,7 +140,7 @@ class RLHFController:
         self._channel_restarts = 0  # of self.queue's actor (it also carries the learners' commands), counted so far
         self.rollouts = RolloutProducer(cfg, self.policy_path, self.pm_path, self.tokenizer,
                                         PromptStream(train_prompts, cfg.seed), self.queue, self.state["restarts"],
-                                        cfg.model.conversation_format)
+                                        cfg.model.conversation_format, pm_autocast)
         self.prefetch = Prefetch(self.rollouts, cfg.ppo.mode == "async", self._phase)
         critic = self.pm_path if cfg.ppo.critic_init == "pm" else self.policy_path
         self.learners = PPOLearnerGroup(cfg, LearnerPaths(self.policy_path, critic, str(ckpt) if ckpt else None),
@@ -249,7 +251,7 @@ class RLHFController:
         self.tracker.log(self.state["iteration"], where, stage="placement")
         short = lambda node: node[:8]  # noqa: E731
         print("placement: generation " + ", ".join(short(g["node_id"]) for g in where["generation"])
-              + f"; PM service {short(where['pm']['node_id'])}; learners "
+              + f"; PM service {short(where['pm']['node_id'])} (autocast {where['pm']['autocast']}); learners "
               + ", ".join(f"{short(r['node_id'])} ({r['device']})" for r in where["learners"]), flush=True)
 
     def checkpoint(self) -> None:

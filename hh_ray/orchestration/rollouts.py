@@ -47,8 +47,11 @@ class RolloutProducer:
     `restarts` (the run's counters, shared with the controller) counts the actors replaced."""
 
     def __init__(self, cfg: Config, policy_path: str, pm_path: str, tokenizer, stream: PromptStream,
-                 queue: RolloutQueue, restarts: dict, conversation_format: str):
+                 queue: RolloutQueue, restarts: dict, conversation_format: str, pm_autocast: str = "auto"):
+        """`pm_autocast`: the PM service's setting as the config gave it ('auto' is resolved by the
+        service on its own device; cfg.ppo.autocast holds the learners' resolved one)."""
         self.cfg, self.pm_path, self.tokenizer, self.stream = cfg, pm_path, tokenizer, stream
+        self.pm_autocast = pm_autocast
         self.queue, self.restarts, self.format = queue, restarts, conversation_format
         self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed,
                                    conversation_format=conversation_format)
@@ -70,7 +73,7 @@ class RolloutProducer:
         gpus = gpus_for(c.ppo.pm_service_gpus, ray.cluster_resources().get("GPU", 0), 1)
         return start_pm_scorer(self.pm_path, c.model.max_seq_len, c.model.dtype, num_cpus=c.ppo.pm_service_cpus,
                                num_gpus=gpus, resources=parse_resources(c.ppo.pm_service_resources, "ppo.pm_service_resources"),
-                               autocast=c.ppo.autocast, conversation_format=self.format)
+                               autocast=self.pm_autocast, conversation_format=self.format)
 
     def placement(self) -> dict:
         """Node (and GPUs) of every generation worker and of the PM service."""
