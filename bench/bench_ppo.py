@@ -4,7 +4,10 @@
 
 Modes: sync, async, sync-fp32 (sync without autocast), fp32 (the learner settings of before), and the estimators / LoRA on the
 same workload of --prompts sequences: ppo-lora (PPO + critic, LoRA r=16), grpo and rloo (4
-samples per prompt: --prompts/4 prompts x 4, no critic), grpo-lora and rloo-lora.
+samples per prompt: --prompts/4 prompts x 4, no critic), grpo-lora and rloo-lora; the learners'
+allocator (hh_ray.runtime.worker_env): sync-jemalloc (bf16 learners on jemalloc) and sync-fp32-glibc
+(fp32 learners on glibc); sync-mb4 (micro-batches of 4). A mode given twice runs twice, interleaved
+(columns mode#1, mode#2): this machine's speed drifts by tens of percent within an hour.
 
 Prints samples/s, time per phase (generate, score, learn, sync) and the peak
 memory of all the run's processes together (sum of RSS of the driver and every
@@ -118,9 +121,10 @@ MODES = {"sync": {"ppo.mode": "sync"}, "async": {"ppo.mode": "async"}, "fp32": F
          "grpo": {**GROUPS, "ppo.advantage_estimator": "grpo"}, "rloo": {**GROUPS, "ppo.advantage_estimator": "rloo"},
          "grpo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "grpo"},
          "rloo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "rloo"},
-         "sync-jemalloc": {"ppo.mode": "sync"}, "sync-mb4": {"ppo.mode": "sync", "ppo.micro_batch_size": 4}}
+         "sync-jemalloc": {"ppo.mode": "sync"}, "sync-mb4": {"ppo.mode": "sync", "ppo.micro_batch_size": 4},
+         "sync-fp32-glibc": {"ppo.mode": "sync", "ppo.autocast": "none"}}
 # Modes that differ in the environment the run's processes get (hh_ray.runtime.worker_env).
-ENV = {"sync-jemalloc": {"HH_RAY_TRAINING_MALLOC": "jemalloc"}}
+ENV = {"sync-jemalloc": {"HH_RAY_TRAINING_MALLOC": "jemalloc"}, "sync-fp32-glibc": {"HH_RAY_TRAINING_MALLOC": "glibc"}}
 
 
 def model_shape(path: str) -> dict:

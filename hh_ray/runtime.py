@@ -12,26 +12,28 @@ import os
 
 KEPT_ENV = ("HH_RAY_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "MALLOC_CONF",
             "GLIBC_TUNABLES")
-TRAINING_MALLOC = "HH_RAY_TRAINING_MALLOC"  # 'glibc' (default) or 'jemalloc', for the processes that train
+TRAINING_MALLOC = "HH_RAY_TRAINING_MALLOC"  # the learners' allocator: 'auto' (default), 'glibc' or 'jemalloc'
 
 
-def worker_env(trains: bool = False) -> dict[str, str]:
+def worker_env(trains_in: str | None = None) -> dict[str, str]:
     """Environment every actor and learner needs, passed through Ray's runtime_env.
 
     The allocator. Actors that only infer (vLLM, the PM service, serving) get Ray's jemalloc,
-    handing freed pages back after 1 s from a background thread: they hold less memory than
-    under glibc (the PPO benchmark's vLLM worker 1.9 against 2.5 GiB). Processes that train
-    (`trains`: the learners) allocate and free every micro-batch's activations, gradients and
-    logits; there jemalloc's returned pages are faulted in again, 4 KiB at a time, at every
-    step, and glibc with transparent huge pages for its heap (`glibc.malloc.hugetlb=1`) ran
-    the same policy step in 3.0-3.3 s against 5.0-7.0 s (SmolLM2, 16 x 105 tokens, bf16
-    autocast, 2 cores), at ~1 GiB more resident. HH_RAY_TRAINING_MALLOC=jemalloc keeps the
-    learners on jemalloc where memory is tighter than time."""
+    handing freed pages back after 1 s from a background thread: they hold less than under
+    glibc. A learner (`trains_in`: the autocast it trains in, resolved) allocates and frees
+    every micro-batch's activations, gradients and logits, and under bf16 autocast also a
+    bf16 copy of every weight it multiplies; under jemalloc the pages it handed back are
+    faulted in again at the next micro-batch, 4 KiB at a time. So a learner in bf16 on a CPU
+    gets glibc with transparent huge pages for its heap (`glibc.malloc.hugetlb=1`): faster
+    steps for somewhat more memory; in fp32 that bought no time and cost memory, so it stays
+    on jemalloc (bench/RESULTS.md, "the learners' allocator"). HH_RAY_TRAINING_MALLOC=glibc or
+    =jemalloc sets the learners' allocator whatever their precision."""
     env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "LD_PRELOAD" in os.environ:  # the user's own choice, for every process
         return env
-    if trains and os.environ.get(TRAINING_MALLOC, "glibc") == "glibc":
+    choice = os.environ.get(TRAINING_MALLOC, "auto") if trains_in is not None else "jemalloc"
+    if choice == "glibc" or (choice == "auto" and trains_in == "bfloat16"):
         env["LD_PRELOAD"] = ""  # not the job's jemalloc (ensure_ray sets it for every worker)
         env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         return env

@@ -389,7 +389,7 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
     tracker.log(0, {"train_sequences": len(train), "held_out_sequences": len(held_out), **info}, stage=f"{stage}_data")
     queue = Queue()
     trainer = learner_trainer(
-        train_loop_per_worker, num_workers=s.num_workers, ckpt_root=ckpt_root, config={
+        train_loop_per_worker, num_workers=s.num_workers, ckpt_root=ckpt_root, autocast=s.autocast, config={
             "cfg": cfg, "stage": stage, "data": [ray.put({"train": train, "held_out": held_out})],
             "prompt_ids": prompt_ids, "init_path": init_path, "teacher_cache": str(teacher_cache),
             "teacher_cache_valid": valid, "cache_meta": meta, "checkpoint_root": str(ckpt_root),

@@ -75,12 +75,13 @@ def group_uses_gpu(num_workers: int) -> bool:
 
 
 def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path, cpus_per_worker: int = 1,
-                    max_failures: int = 0):
+                    max_failures: int = 0, autocast: str = "none"):
     """A TorchTrainer of num_workers workers on the running Ray cluster.
 
     Ray Train's run files go under ckpt_root (beside the step-N checkpoints the
     workers write there themselves). After a worker dies, Ray restarts the group up
     to max_failures times; the new workers resume from resume_checkpoint(ckpt_root).
+    `autocast`: the precision the workers train in, resolved (it picks their allocator).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -97,7 +98,7 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": worker_env(trains=True)}),
+                             worker_runtime_env={"env_vars": worker_env(trains_in=autocast)}),
     )
 
 

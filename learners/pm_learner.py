@@ -370,7 +370,7 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     queue = Queue()
     trainer = learner_trainer(
         train_loop_per_worker, num_workers=cfg.pm.num_workers, cpus_per_worker=cfg.pm.cpus_per_worker,
-        ckpt_root=ckpt_root, config={
+        ckpt_root=ckpt_root, autocast=cfg.pm.autocast, config={
             "cfg": cfg, "stages": [ray.put(stages)], "init_path": init_path, "checkpoint_root": str(ckpt_root),
             "pm_dir": str(run_dir / "pm"), "metrics_queue": queue, "stop_after_steps": stop_after_steps})
     last = fit_with_progress(trainer, queue, tracker, total_pairs(cfg, stages),

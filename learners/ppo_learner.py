@@ -420,7 +420,7 @@ class PPOLearnerGroup:
                 **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}),
             run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train"),
                                  failure_config=FailureConfig(max_failures=cfg.ppo.max_learner_restarts),
-                                 worker_runtime_env={"env_vars": worker_env(trains=True)}),
+                                 worker_runtime_env={"env_vars": worker_env(trains_in=cfg.ppo.autocast)}),
         )
         self.client = CommandClient(commands, self.results, RESULT_TIMEOUT_S)
         self._thread = threading.Thread(target=self._fit, daemon=True, name="ppo-learner-group")

@@ -46,8 +46,8 @@ def test_reward_rises_with_two_generators_and_two_learners(full_run):
     [placement] = read_metrics(run_dir, "placement")
     assert len(placement["generation"]) == 2 and len(placement["learners"]) == 2 and placement["pm"]["node_id"]
     assert all(r["device"] == "cpu" for r in placement["learners"])
-    # the learners train on glibc with huge pages, the generators infer on jemalloc (runtime.worker_env)
-    assert [r["malloc"] for r in placement["learners"]] == ["glibc", "glibc"]
+    # fp32 learners and the generators run on jemalloc (runtime.worker_env; bf16 learners: below)
+    assert [r["malloc"] for r in placement["learners"]] == ["jemalloc", "jemalloc"]
     assert [g["malloc"] for g in placement["generation"]] == ["jemalloc", "jemalloc"]
     assert (run_dir / "reward_vs_sqrt_kl.png").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
@@ -86,6 +86,9 @@ def test_fused_value_pass_gives_the_same_update(tiny_pm, tmp_path):
             assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
         assert c["value_loss"] == pytest.approx(a["value_loss"], rel=0.05)
         assert c["reward_pm"] == pytest.approx(a["reward_pm"], abs=0.05)
+    # a learner in bf16 on a CPU trains on glibc with huge pages, in fp32 on jemalloc (runtime.worker_env)
+    malloc = {name: read_metrics(tmp_path / name, "placement")[0]["learners"][0]["malloc"] for name in runs}
+    assert malloc == {"fused": "jemalloc", "separate": "jemalloc", "bf16": "glibc"}
 
 
 def test_resume_gives_the_same_metrics(full_run, tiny_pm, tmp_path):

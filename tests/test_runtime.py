@@ -83,13 +83,17 @@ def test_learners_get_glibc_with_huge_pages_and_the_other_actors_jemalloc(monkey
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(runtime, "ray_jemalloc", lambda: "/ray/libjemalloc.so")
     assert runtime.worker_env()["LD_PRELOAD"] == "/ray/libjemalloc.so"
-    trains = runtime.worker_env(trains=True)
+    bf16 = runtime.worker_env(trains_in="bfloat16")
     # "" overrides the jemalloc that the job's runtime_env gives every worker
-    assert trains["LD_PRELOAD"] == "" and trains["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert bf16["LD_PRELOAD"] == "" and bf16["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert runtime.worker_env(trains_in="none")["LD_PRELOAD"] == "/ray/libjemalloc.so"  # fp32 learners
     monkeypatch.setenv(runtime.TRAINING_MALLOC, "jemalloc")
-    assert runtime.worker_env(trains=True)["LD_PRELOAD"] == "/ray/libjemalloc.so"
+    assert runtime.worker_env(trains_in="bfloat16")["LD_PRELOAD"] == "/ray/libjemalloc.so"
+    monkeypatch.setenv(runtime.TRAINING_MALLOC, "glibc")
+    assert runtime.worker_env(trains_in="none")["LD_PRELOAD"] == ""
+    assert runtime.worker_env()["LD_PRELOAD"] == "/ray/libjemalloc.so"  # not a learner: not its business
     monkeypatch.setenv("LD_PRELOAD", "/my/allocator.so")  # the user's own choice: left to every process
-    assert "LD_PRELOAD" not in runtime.worker_env(trains=True) and "LD_PRELOAD" not in runtime.worker_env()
+    assert "LD_PRELOAD" not in runtime.worker_env(trains_in="bfloat16") and "LD_PRELOAD" not in runtime.worker_env()
 
 
 def test_malloc_in_use_reads_the_process_it_runs_in():
