@@ -6,8 +6,10 @@ Modes: sync, async, sync-fp32 (sync without autocast), fp32 (the learner setting
 same workload of --prompts sequences: ppo-lora (PPO + critic, LoRA r=16), grpo and rloo (4
 samples per prompt: --prompts/4 prompts x 4, no critic), grpo-lora and rloo-lora; the learners'
 allocator (hh_ray.runtime.worker_env): sync-jemalloc (bf16 learners on jemalloc) and sync-fp32-glibc
-(fp32 learners on glibc); sync-mb4 (micro-batches of 4). A mode given twice runs twice, interleaved
-(columns mode#1, mode#2): this machine's speed drifts by tens of percent within an hour.
+(fp32 learners on glibc); sync-mb4 (micro-batches of 4); sync-no-recompute and sync-fp32-no-recompute
+(model.gradient_checkpointing none: every activation kept, against the default's selective recompute).
+A mode given twice runs twice, interleaved (columns mode#1, mode#2): this machine's speed drifts by
+tens of percent within an hour.
 
 Prints samples/s, time per phase (generate, score, learn, sync) and the peak
 memory of all the run's processes together (sum of RSS of the driver and every
@@ -110,7 +112,7 @@ def matmul_gflops(dtype: str, seconds: float = 2.0, n: int = 1024) -> float:
 
 # The demo's learner settings before bf16 autocast and the fused value pass, for a side-by-side column.
 FP32 = {"ppo.mode": "sync", "ppo.autocast": "none", "ppo.fuse_value_pass": False, "ppo.micro_batch_size": 4,
-        "ppo.pm_service_cpus": 1, "model.gradient_checkpointing": True}
+        "ppo.pm_service_cpus": 1, "model.gradient_checkpointing": "full"}
 
 
 LORA = {"model.lora_rank": 16}
@@ -122,7 +124,9 @@ MODES = {"sync": {"ppo.mode": "sync"}, "async": {"ppo.mode": "async"}, "fp32": F
          "grpo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "grpo"},
          "rloo-lora": {**GROUPS, **LORA, "ppo.advantage_estimator": "rloo"},
          "sync-jemalloc": {"ppo.mode": "sync"}, "sync-mb4": {"ppo.mode": "sync", "ppo.micro_batch_size": 4},
-         "sync-fp32-glibc": {"ppo.mode": "sync", "ppo.autocast": "none"}}
+         "sync-fp32-glibc": {"ppo.mode": "sync", "ppo.autocast": "none"},
+         "sync-no-recompute": {"ppo.mode": "sync", "model.gradient_checkpointing": "none"},
+         "sync-fp32-no-recompute": {"ppo.mode": "sync", "ppo.autocast": "none", "model.gradient_checkpointing": "none"}}
 # Modes that differ in the environment the run's processes get (hh_ray.runtime.worker_env).
 ENV = {"sync-jemalloc": {"HH_RAY_TRAINING_MALLOC": "jemalloc"}, "sync-fp32-glibc": {"HH_RAY_TRAINING_MALLOC": "glibc"}}
 
@@ -232,10 +236,12 @@ def main() -> None:
         run_dir = Path(tempfile.mkdtemp(prefix=f"bench-ppo-{mode}-"))
         speed = {f"machine {dtype} matmul GFLOP/s": matmul_gflops(dtype) for dtype in ("float32", "bfloat16")}
         t0 = time.time()
-        with PeakRSS() as mem:
-            train_ppo(cfg, run_dir)
-        for key, value in saved_env.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        try:
+            with PeakRSS() as mem:
+                train_ppo(cfg, run_dir)
+        finally:
+            for key, value in saved_env.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         rows = read_metrics(run_dir, "ppo")
         steady = steady_rows(rows, cfg.ppo.mode)
         results[column] = {
@@ -258,9 +264,8 @@ def main() -> None:
         precision = {"model": saved["model"]["dtype"],
                      "autocast": "bfloat16" if saved["ppo"]["autocast"] == "bfloat16" else saved["model"]["dtype"]}
         limits = {kind: speed[f"machine {dtype} matmul GFLOP/s"] for kind, dtype in precision.items()}
-        fused = cfg.ppo.fuse_value_pass and cfg.ppo.epochs == 1 and cfg.ppo.minibatch_size >= cfg.ppo.rollout_batch_size
-        per_row = [iteration_gflop(shape, r, cfg.ppo.epochs, needs_critic(cfg.ppo.advantage_estimator), fused)
-                   for r in steady]
+        per_row = [iteration_gflop(shape, r, cfg.ppo.epochs, needs_critic(cfg.ppo.advantage_estimator),
+                                   bool(r["fused_value_pass"])) for r in steady]
         gflop = {phase: {kind: statistics.mean(r[phase][kind] for r in per_row) for kind in parts}
                  for phase, parts in per_row[0].items()}
         res = results[column]

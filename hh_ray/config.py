@@ -36,7 +36,7 @@ class ModelConfig:
     pm: str = doc("", "PM backbone or trained PM folder; empty = same as the policy.")
     dtype: str = doc("float32", "Weights dtype for training and generation (float32 on CPU).")
     max_seq_len: int = doc(512, "Longest prompt+response in tokens; longer transcripts are truncated from the left.")
-    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: str = doc("selective", "Activations recomputed in backward to save memory: 'selective' (the elementwise ops only, norms, rotary, SiLU: the matmul and attention outputs are kept; the same gradients), 'full' (each decoder layer: least memory, a second forward's compute) or 'none'. true/false mean full/none.")
     cache_dir: str = doc("", "Where converted/generated models are cached; empty = ~/.cache/hh-ray.")
     lora_rank: int = doc(0, "LoRA rank: > 0 trains low-rank adapters (alpha = 2 x rank) on every linear layer of the policy, the critic and the PM instead of all weights; the reference is the base with the adapters off. 0 = full fine-tuning.")
     conversation_format: str = doc("auto", "How conversations are rendered for the models: 'hh' (the paper's \\n\\nHuman: / \\n\\nAssistant: text; a turn ends at the next Human turn), 'chat' (the tokenizer's chat template; a turn ends at its end-of-turn token) or 'auto' (chat when the policy's tokenizer has a template). A model folder the project wrote keeps the format it was trained in.")
@@ -221,6 +221,7 @@ CHOICES = {
     "ppo.critic_init": ("pm", "policy"),
     "ppo.mode": ("sync", "async"),
     "ppo.autocast": ("none", "bfloat16", "auto"),
+    "model.gradient_checkpointing": ("none", "selective", "full"),
     "pm.autocast": ("none", "bfloat16", "auto"),
     "sft.autocast": ("none", "bfloat16", "auto"),
     "distill.autocast": ("none", "bfloat16", "auto"),
@@ -252,6 +253,10 @@ RANGES = {
     "ppo.clip_eps": (1e-6, None),
     "ppo.value_clip_eps": (1e-6, None),
 }
+
+
+# Values that mean another: model.gradient_checkpointing was a bool (Hugging Face's).
+ALIASES = {"model.gradient_checkpointing": {True: "full", False: "none", "true": "full", "false": "none"}}
 
 
 def parse_resources(text: str, where: str = "resources") -> dict[str, float]:
@@ -322,6 +327,7 @@ def set_value(cfg: Config, dotted: str, value: Any, where: str = "override") -> 
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"{where}: unknown config key {dotted!r}{hint}")
     *parents, leaf = dotted.split(".")
+    value = ALIASES.get(dotted, {}).get(value, value) if isinstance(value, (bool, str)) else value
     obj = cfg
     for p in parents:
         obj = getattr(obj, p)

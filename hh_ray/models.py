@@ -370,6 +370,37 @@ def set_attention_for(models, kind: str, device_type: str) -> None:
             m.set_attn_implementation("eager")
 
 
+def _kept_in_selective_recompute() -> frozenset:
+    """The ops whose outputs 'selective' keeps: matrix products and fused attention, the
+    compute; every other op of a decoder layer (norms, rotary, SiLU and the products
+    around them, casts) is elementwise and memory-bound, cheap to run again."""
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
+    return frozenset(getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n))
+
+
+def enable_checkpointing(model, kind: str, frozen_embeddings: bool = False) -> None:
+    """`model.gradient_checkpointing` for a model about to train: 'none'; 'full' (each decoder
+    layer run again in backward: least memory, a second forward's compute); 'selective' (only
+    the elementwise ops run again, the matmul and attention outputs are kept: the same
+    gradients, bit for bit, for much of full's memory saving at little compute, bench/RESULTS.md).
+    `frozen_embeddings` (LoRA): the recomputed graph needs an input that requires grad."""
+    if kind == "none":
+        return
+    kwargs = {"use_reentrant": False}
+    if kind == "selective":
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        kept = _kept_in_selective_recompute()
+        policy = lambda ctx, op, *args, **kw: (CheckpointPolicy.MUST_SAVE if op in kept  # noqa: E731
+                                               else CheckpointPolicy.PREFER_RECOMPUTE)
+        kwargs["context_fn"] = lambda: create_selective_checkpoint_contexts(policy)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if frozen_embeddings:
+        model.enable_input_require_grads()
+
+
 def store_linear_weights_in_bf16(model) -> None:
     """For inference under bf16 autocast: autocast casts each fp32 nn.Linear weight to bf16
     on every call, so storing them in bf16 gives the very same outputs at half their

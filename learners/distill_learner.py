@@ -204,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from hh_ray.models import load_policy, load_tokenizer, save_model, set_attention_for
+    from hh_ray.models import enable_checkpointing, load_policy, load_tokenizer, save_model, set_attention_for
 
     cfg, ctx = config["cfg"], ray.train.get_context()
     torch.manual_seed(cfg.seed)
@@ -221,8 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
     targets = make_targets(model, config, examples, w)
     model.config.use_cache = False  # the student never decodes; no key/value copies
     set_attention_for([model], s.autocast, w.device.type)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    enable_checkpointing(model, cfg.model.gradient_checkpointing)
     resume, pos = resume_point(Path(config["checkpoint_root"]))
 
     def report_eval(when: str) -> None:

@@ -45,7 +45,9 @@ def torch_trainer(train_loop, **kwargs):
     none) and, on a cluster this process started, the PlacementGroupCleaner (it frees
     the placement group of a controller that died uncleanly; here the whole cluster
     ends with this process, and without a dashboard it only logs that it cannot reach
-    the State API, every few seconds). Ray versions without the hook keep both."""
+    the State API, every few seconds) and the AutoscalingCoordinator (Ray Data's actor
+    through which a fixed-size group asks an autoscaler for its workers' resources: a
+    cluster started here has no autoscaler). Ray versions without the hooks keep them."""
     import ray
     from ray.train.torch import TorchTrainer
 
@@ -57,6 +59,12 @@ def torch_trainer(train_loop, **kwargs):
         def _create_default_callbacks(self):
             return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
 
+        def _initialize_and_run_controller(self, **controller_args):
+            policy = controller_args.get("scaling_policy")
+            if started_here and type(policy).__name__ == "FixedScalingPolicy":
+                policy.__class__ = _without_resource_requests(type(policy))
+            return super()._initialize_and_run_controller(**controller_args)
+
         def _register_sigint_handler(self, controller):
             # fit() in the main thread would take over SIGINT for good (never restored): a
             # "graceful abort" that waits on Ray Train, and after fit() returned a handler
@@ -65,6 +73,18 @@ def torch_trainer(train_loop, **kwargs):
             pass
 
     return Trainer(train_loop, **kwargs)
+
+
+def _without_resource_requests(fixed_policy):
+    """Ray Train's fixed scaling policy that asks no autoscaler for resources (none is there)."""
+    class LocalFixedScalingPolicy(fixed_policy):
+        def after_controller_start(self, train_run_context):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
+
+    return LocalFixedScalingPolicy
 
 
 def group_uses_gpu(num_workers: int) -> bool:

@@ -192,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     import transformers
 
-    from hh_ray.models import autocast, load_scalar_head_model, save_model, set_attention_for
+    from hh_ray.models import autocast, enable_checkpointing, load_scalar_head_model, save_model, set_attention_for
 
     transformers.logging.set_verbosity_error()  # the "score.weight newly initialised" report is expected
     cfg = config["cfg"]
@@ -205,10 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
     mixed = functools.partial(autocast, cfg.pm.autocast, device.type)
     if cfg.model.lora_rank:  # adapters and the score head train; the backbone stays
         add_lora(model, cfg.model.lora_rank, head="score")
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if cfg.model.lora_rank:
-            model.enable_input_require_grads()
+    enable_checkpointing(model, cfg.model.gradient_checkpointing, frozen_embeddings=bool(cfg.model.lora_rank))
     model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.pm.strategy)
 
     resume, pos = resume_point(Path(config["checkpoint_root"]))

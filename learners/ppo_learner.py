@@ -41,7 +41,7 @@ from hh_ray import ppo
 from hh_ray.estimators import needs_critic
 from hh_ray.lora import AdapterView, adapters_off, add_lora, hf_state_dict, merged_copy
 from hh_ray.config import Config, parse_resources
-from hh_ray.models import autocast, load_policy, set_attention_for, load_scalar_head_model, load_tokenizer, response_logits, save_model, token_values
+from hh_ray.models import autocast, enable_checkpointing, load_policy, set_attention_for, load_scalar_head_model, load_tokenizer, response_logits, save_model, token_values
 from hh_ray.rollout import RolloutBatch
 from hh_ray.runtime import derive_seed, device, gpus_for, malloc_in_use, worker_env
 from hh_ray.weights import weights_for_sync
@@ -151,11 +151,8 @@ class PPOWorker:
             self.reference = PolicyModel(load_policy(paths.policy, cfg.model.dtype).eval().requires_grad_(False)).to(self.device)
         self.policy_tokenizer = load_tokenizer(paths.policy)
         set_attention_for(trained, self.p.autocast, self.device_type)
-        if cfg.model.gradient_checkpointing:
-            for m in trained:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                if self.lora:
-                    m.enable_input_require_grads()  # a frozen embedding would cut the recomputed graph
+        for m in trained:
+            enable_checkpointing(m, cfg.model.gradient_checkpointing, frozen_embeddings=bool(self.lora))
         policy.config.use_cache = False
         trainable = lambda m: [q for q in m.parameters() if q.requires_grad]  # noqa: E731
         self.policy = PolicyModel(policy).to(self.device)
@@ -216,7 +213,8 @@ class PPOWorker:
         t_forward = time.time() - t0
         stats = {**stats, **self.update(shard, exp, values, ref_logp, iteration,
                                         train_critic=self.has_critic and not self.fused(shard))}
-        metrics = all_reduce_mean({**stats, "kl": float(exp.kl_k1.mean()), "reward_total": float(exp.reward_total.mean()),
+        metrics = all_reduce_mean({**stats, "fused_value_pass": float(self.fused(shard)),
+                                   "kl": float(exp.kl_k1.mean()), "reward_total": float(exp.reward_total.mean()),
                                    "staleness": float((iteration - shard.policy_version).float().mean()),
                                    "time_learn_reference": t_reference, "time_learn_forward": t_forward,
                                    "time_learn_update": time.time() - t0 - t_forward})

@@ -21,9 +21,14 @@ def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("ppo:\n  kl_coef: 0.05\n  epochs: 2\nmodel:\n  gradient_checkpointing: true\n")
     c = load_config(f, {"ppo.epochs": "4", "seed": "7"})
-    assert (c.ppo.kl_coef, c.ppo.epochs, c.seed, c.model.gradient_checkpointing) == (0.05, 4, 7, True)
+    assert (c.ppo.kl_coef, c.ppo.epochs, c.seed, c.model.gradient_checkpointing) == (0.05, 4, 7, "full")
     save_config(c, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml") == c
+    # gradient_checkpointing was a bool: false still means none; the default is selective
+    assert load_config(None, {"model.gradient_checkpointing": "false"}).model.gradient_checkpointing == "none"
+    assert load_config().model.gradient_checkpointing == "selective"
+    with pytest.raises(ConfigError, match="'some' is not one of 'none', 'selective', 'full'"):
+        load_config(None, {"model.gradient_checkpointing": "some"})
 
 
 @pytest.mark.parametrize("yaml_text,msg", [

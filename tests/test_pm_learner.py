@@ -7,6 +7,7 @@ end with the same weights. Three fits in all keep this file near 2 minutes.
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,30 @@ def test_short_train_learns_the_synthetic_rule(full_run):
     assert results["accuracy"] > 0.9
     assert 0.0 <= results["ece"] <= 1.0
     assert read_metrics(full_run, "pm_eval")[0]["accuracy"] == results["accuracy"]
+
+
+def _no_training(config):
+    pass
+
+
+def test_a_learner_group_on_a_cluster_started_here_starts_no_autoscaling_coordinator(ray_cluster, tmp_path):
+    """learners.group.torch_trainer: no Ray Data actor asks an autoscaler that is not there for
+    the workers' resources (a detached actor: it would live as long as the cluster)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+
+    from learners.group import torch_trainer
+
+    assert ray._private.worker._global_node.head  # the session's cluster was started by this process
+    names = lambda: [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]  # noqa: E731
+    if "AutoscalingCoordinator" in names():  # left by a test's process that joined this cluster (it may ask)
+        ray.kill(ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator"))
+        deadline = time.time() + 30
+        while "AutoscalingCoordinator" in names() and time.time() < deadline:
+            time.sleep(0.2)
+    torch_trainer(_no_training, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                  run_config=RunConfig(storage_path=str(tmp_path))).fit()
+    assert "AutoscalingCoordinator" not in names(), names()
 
 
 def test_pmp_then_finetune_each_with_its_own_lr(full_run):

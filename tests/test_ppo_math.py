@@ -386,3 +386,46 @@ def test_tokens_before_stop_by_hand():
     assert tokens_before_stop(ids, "Sure, glad to.\n", decode) == 3
     assert tokens_before_stop(ids, "", decode) == 0
     assert tokens_before_stop(ids, decode(ids), decode) == 5
+
+
+@pytest.mark.parametrize("attention, precision", [("sdpa", "none"), ("eager", "bfloat16")])
+def test_selective_recompute_gives_the_same_gradients_and_reruns_no_matmul(tiny_model, attention, precision):
+    """model.gradient_checkpointing 'selective' keeps the matmul and attention outputs and runs the
+    elementwise ops again in backward: gradients equal to no recompute's, bit for bit (the same
+    ops on the same inputs); in backward as many matmuls as without recompute ('full' runs each
+    layer's forward matmuls again), and the norms' rsqrt and the SiLU again, which no recompute
+    does not. Counted as the kernels run (a dispatch mode under the recompute's cache)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hh_ray.models import autocast, enable_checkpointing, load_policy
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def backward(kind):
+        torch.manual_seed(0)
+        lm = load_policy(tiny_model)
+        lm.set_attn_implementation(attention)
+        enable_checkpointing(lm, kind)
+        lm.train()
+        ids = torch.randint(0, lm.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+        with autocast(precision, "cpu"):
+            loss = ppo.policy_logprobs(lm, ids, torch.ones_like(ids)).sum()
+        with Ops() as ops:
+            loss.backward()
+        return [p.grad for p in lm.parameters()], ops.count
+
+    (plain, plain_ops), (selective, selective_ops), (_, full_ops) = map(backward, ("none", "selective", "full"))
+    assert all(torch.equal(a, b) for a, b in zip(plain, selective))
+    matmuls = lambda ops: ops["mm"] + ops["bmm"] + ops["addmm"]  # noqa: E731
+    assert matmuls(selective_ops) == matmuls(plain_ops) < matmuls(full_ops)
+    for op in ("rsqrt", "silu"):
+        assert plain_ops[op] == 0 and selective_ops[op] == full_ops[op] > 0

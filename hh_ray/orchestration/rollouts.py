@@ -47,7 +47,7 @@ class RolloutProducer:
     `restarts` (the run's counters, shared with the controller) counts the actors replaced."""
 
     def __init__(self, cfg: Config, policy_path: str, pm_path: str, tokenizer, stream: PromptStream,
-                 queue: RolloutQueue, restarts: dict, conversation_format: str, pm_autocast: str = "auto"):
+                 queue: RolloutQueue, restarts: dict, conversation_format: str, pm_autocast: str):
         """`pm_autocast`: the PM service's setting as the config gave it ('auto' is resolved by the
         service on its own device; cfg.ppo.autocast holds the learners' resolved one)."""
         self.cfg, self.pm_path, self.tokenizer, self.stream = cfg, pm_path, tokenizer, stream
