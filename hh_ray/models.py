@@ -384,7 +384,7 @@ def enable_checkpointing(model, kind: str, frozen_embeddings: bool = False) -> N
     """`model.gradient_checkpointing` for a model about to train: 'none'; 'full' (each decoder
     layer run again in backward: least memory, a second forward's compute); 'selective' (only
     the elementwise ops run again, the matmul and attention outputs are kept: the same
-    gradients, bit for bit, for much of full's memory saving at little compute, bench/RESULTS.md).
+    gradients, bit for bit, for less memory at little compute: bench/RESULTS.md).
     `frozen_embeddings` (LoRA): the recomputed graph needs an input that requires grad."""
     if kind == "none":
         return

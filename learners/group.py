@@ -62,7 +62,14 @@ def torch_trainer(train_loop, **kwargs):
         def _initialize_and_run_controller(self, **controller_args):
             policy = controller_args.get("scaling_policy")
             if started_here and type(policy).__name__ == "FixedScalingPolicy":
-                policy.__class__ = _without_resource_requests(type(policy))
+                class LocalFixedScalingPolicy(type(policy)):  # asks no autoscaler (none is there)
+                    def after_controller_start(self, train_run_context):
+                        pass
+
+                    def _maybe_send_resource_request(self):
+                        pass
+
+                policy.__class__ = LocalFixedScalingPolicy
             return super()._initialize_and_run_controller(**controller_args)
 
         def _register_sigint_handler(self, controller):
@@ -73,18 +80,6 @@ def torch_trainer(train_loop, **kwargs):
             pass
 
     return Trainer(train_loop, **kwargs)
-
-
-def _without_resource_requests(fixed_policy):
-    """Ray Train's fixed scaling policy that asks no autoscaler for resources (none is there)."""
-    class LocalFixedScalingPolicy(fixed_policy):
-        def after_controller_start(self, train_run_context):
-            pass
-
-        def _maybe_send_resource_request(self):
-            pass
-
-    return LocalFixedScalingPolicy
 
 
 def group_uses_gpu(num_workers: int) -> bool:

@@ -200,11 +200,12 @@ class PPOWorker:
         whole: RolloutBatch = ray.get(batch[0])
         shard = whole.select(whole.shard_rows(self.rank, self.world)).to(self.device)  # whole groups
         self.set_lr(iteration)
+        fused = self.fused(shard)
         ref_logp = self.reference_logprobs(shard)
         t_reference = time.time() - t0
         if not self.has_critic:
             values, stats = torch.zeros_like(shard.behaviour_logprobs), {}
-        elif self.fused(shard):
+        elif fused:
             values, stats = self.critic_step_with_values(shard, ref_logp)
         else:
             values, stats = self.old_values(shard), {}
@@ -212,8 +213,8 @@ class PPOWorker:
                               groups=shard.groups().to(self.device))
         t_forward = time.time() - t0
         stats = {**stats, **self.update(shard, exp, values, ref_logp, iteration,
-                                        train_critic=self.has_critic and not self.fused(shard))}
-        metrics = all_reduce_mean({**stats, "fused_value_pass": float(self.fused(shard)),
+                                        train_critic=self.has_critic and not fused)}
+        metrics = all_reduce_mean({**stats, "fused_value_pass": float(fused),
                                    "kl": float(exp.kl_k1.mean()), "reward_total": float(exp.reward_total.mean()),
                                    "staleness": float((iteration - shard.policy_version).float().mean()),
                                    "time_learn_reference": t_reference, "time_learn_forward": t_forward,
