@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 
 import ray
+import torch
 
 from hh_ray.conversation import render_transcript
 from hh_ray.runtime import device, resolve_autocast, set_torch_threads, worker_env
@@ -51,7 +52,7 @@ class PMScorer:
         self.model, self.tokenizer = load_scalar_head_model(pm_path, dtype)
         self.model.eval().to(device())  # its GPU when started with num_gpus
         self.device = device().type
-        if autocast == "bfloat16":
+        if self.autocast == "bfloat16":
             store_linear_weights_in_bf16(self.model)  # the same scores, half the memory
 
     def _score_now(self, groups: list[list[str]]) -> list[float]:
@@ -80,7 +81,9 @@ class PMScorer:
 
     def placement(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids(), "device": self.device,
-                "autocast": self.autocast, "autocast_why": self.autocast_why}
+                "autocast": self.autocast, "autocast_why": self.autocast_why,
+                "linear_weights": str(next(m.weight.dtype for m in self.model.modules()
+                                           if isinstance(m, torch.nn.Linear))).removeprefix("torch.")}
 
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """PM score of each conversation: an HH prompt and the assistant's response, rendered in

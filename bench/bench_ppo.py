@@ -19,7 +19,9 @@ is left out of "steady" too (nothing is left to generate while it learns). sampl
 steady iterations' samples over their wall time.
 Each mode also gets the model FLOPs of an iteration counted from the shapes
 (iteration_gflop) and the share of the machine's matmul speed, in the precision the
-run used, that each phase and the whole iteration reach.
+run used, that each phase and the whole iteration reach; and the same against the machine's speed
+on the model's own matmul shapes (a decoder layer's weight matrices times one row per sequence
+for generation's decode steps, times a learner micro-batch of whole sequences for the rest).
 """
 
 from __future__ import annotations
@@ -141,7 +143,28 @@ def model_shape(path: str) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(c)
     body = sum(p.numel() for n, p in model.model.named_parameters() if "embed_tokens" not in n)
-    return {"body": body, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size}
+    layer = [tuple(m.weight.shape) for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    return {"body": body, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
+            "layer_matrices": layer}
+
+
+def shaped_matmul_gflops(dtype: str, matrices: list[tuple[int, int]], rows: int, seconds: float = 2.0) -> float:
+    """The machine's matmul speed on the model's own products: `rows` tokens (one learner
+    micro-batch) through every weight matrix of a decoder layer in turn. The 1024^3 probe is
+    the ceiling; the decoder's narrow matrices (576 wide in SmolLM2-135M) cannot reach it, so
+    this says how much of a phase's gap to it is the shapes and how much is everything else."""
+    import torch
+
+    xs = {k: torch.randn(rows, k, dtype=getattr(torch, dtype)) for _, k in matrices}
+    ws = [torch.randn(n, k, dtype=getattr(torch, dtype)) for n, k in matrices]
+    for w in ws:  # warm-up: kernel selection per shape
+        xs[w.shape[1]] @ w.T
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for w in ws:
+            xs[w.shape[1]] @ w.T
+        k += 1
+    return 2 * rows * sum(n * m for n, m in matrices) * k / (time.perf_counter() - t0) / 1e9
 
 
 def iteration_gflop(shape: dict, row: dict, epochs: int, critic: bool = True,
@@ -170,8 +193,10 @@ def iteration_gflop(shape: dict, row: dict, epochs: int, critic: bool = True,
 
 def limit_fractions(gflop: dict, seconds: dict, limits: dict) -> dict[str, float]:
     """Per phase, and for the iteration (the sum over phases), the time the phase's FLOPs would
-    take at the machine's matmul speed in their precisions, over the time they took."""
-    ideal = {phase: sum(g / limits[kind] for kind, g in parts.items()) for phase, parts in gflop.items()}
+    take at the machine's matmul speed in their precisions, over the time they took. `limits`:
+    GFLOP/s by precision kind, or by phase and then kind."""
+    at = lambda phase, kind: limits[phase][kind] if phase in limits else limits[kind]  # noqa: E731
+    ideal = {phase: sum(g / at(phase, kind) for kind, g in parts.items()) for phase, parts in gflop.items()}
     out = {phase: ideal[phase] / seconds[phase] for phase in gflop}
     out["iteration"] = sum(ideal.values()) / seconds["iteration"]
     return out
@@ -274,6 +299,19 @@ def main() -> None:
         res["model GFLOP/iteration"] = sum(sum(parts.values()) for parts in gflop.values())
         for phase, fraction in limit_fractions(gflop, seconds, limits).items():
             res[f"% of matmul limit: {phase}"] = 100 * fraction
+        # The same against the model's own matmul shapes, measured after the run: generation
+        # multiplies one row per sequence at a time (decode), the other phases a micro-batch of
+        # whole sequences (their mean length in this run).
+        rows = {"decode": args.prompts, "micro-batch": cfg.ppo.micro_batch_size * round(
+            statistics.mean(r["tokens_sequences"] / r["samples"] for r in steady))}
+        shaped = {(which, kind): shaped_matmul_gflops(precision[kind], shape["layer_matrices"], n)
+                  for which, n in rows.items() for kind in ("model", "autocast")}
+        for (which, kind), speed in shaped.items():
+            res[f"{which} rows ({rows[which]}), {precision[kind]} matmul GFLOP/s"] = speed
+        by_phase = {phase: {kind: shaped["decode" if phase == "generate" else "micro-batch", kind]
+                            for kind in ("model", "autocast")} for phase in gflop}
+        for phase, fraction in limit_fractions(gflop, seconds, by_phase).items():
+            res[f"% of model-shape limit: {phase}"] = 100 * fraction
         res["generated tokens/s"] = res["tokens/iteration"] / res["generate s"]
         autocasts[column] = saved["ppo"]["autocast"]
         breakdowns[column] = mem.breakdown()

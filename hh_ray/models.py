@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -137,17 +138,27 @@ def prepare_smollm2(out: Path) -> Path:
     out = Path(out)
     if (out / "config.json").exists():
         return out
+    import io
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantized on load; the quantizer state would make
-    # save_pretrained write a GGUF-quantized config vLLM cannot read.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    _save_atomically(model, tok, out)
+    print(f"converting {gguf.name} to safetensors in {out} (once)", flush=True)
+    # transformers draws three progress bars of its own on stderr; shown only if the conversion fails
+    bars = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(bars):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are dequantized on load; the quantizer state would make
+            # save_pretrained write a GGUF-quantized config vLLM cannot read.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            _save_atomically(model, tok, out)
+    except BaseException:
+        print(bars.getvalue(), file=sys.stderr)
+        raise
     return out
 
 

@@ -105,9 +105,10 @@ def resolve_autocast(value: str, cache_dir: str = "", workers_on_gpu: bool = Fal
     """(the autocast a run uses, why). 'auto' means bf16 only where the device runs bf16
     matmuls fast: CUDA with bf16, or a CPU whose measured bf16 matmul is at least as fast
     as fp32 (with AVX512-BF16/AMX it is ~2x faster; with AVX2 alone it was ~50x slower).
-    The CPU measurement is cached per processor model and flags. It is resolved where the
-    run starts, so `workers_on_gpu` says that the workers it is for get GPUs: a driver on
-    a CPU-only head node must not choose for them by its own processor."""
+    The CPU measurement is cached per processor and instruction set. Call it where the
+    work runs (learners.group.with_learner_autocast runs it on a learner's node);
+    `workers_on_gpu` is for a process that decides for workers elsewhere: they get GPUs,
+    so its own processor does not count."""
     if value != "auto":
         return value, "set in the config"
     import torch
@@ -121,13 +122,11 @@ def resolve_autocast(value: str, cache_dir: str = "", workers_on_gpu: bool = Fal
     return ("bfloat16" if bf16 <= fp32 else "none"), why
 
 
-def with_resolved_autocast(cfg, key: str, workers_on_gpu: bool = False):
-    """cfg with the autocast setting at `key` ('ppo.autocast', 'pm.autocast', ...) resolved,
-    the choice and its reason printed; config.yaml then records what the run used."""
+def with_autocast(cfg, key: str, value: str, why: str):
+    """cfg with the autocast setting at `key` ('ppo.autocast', 'pm.autocast', ...) set to its
+    resolved `value`, the choice and its reason printed; config.yaml then records what the run used."""
     from hh_ray.config import with_value
 
-    section, name = key.split(".")
-    value, why = resolve_autocast(getattr(getattr(cfg, section), name), cfg.model.cache_dir, workers_on_gpu)
     print(f"{key}={value} ({why})", flush=True)
     return with_value(cfg, key, value)
 
@@ -152,8 +151,13 @@ def cpu_matmul_seconds(cache_dir: str = "") -> tuple[float, float]:
     from pathlib import Path
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
-    key = hashlib.sha256("".join(line for line in info.splitlines(True)
-                                 if line.startswith(("model name", "flags"))).encode()).hexdigest()[:16]
+    # The instruction set the kernels may use is part of the key: ATEN_CPU_CAPABILITY and
+    # ONEDNN_MAX_CPU_ISA narrow it below what the processor has.
+    import torch
+
+    isa = f"{torch.backends.cpu.get_cpu_capability()}/{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
+    key = hashlib.sha256((isa + "".join(line for line in info.splitlines(True)
+                                        if line.startswith(("model name", "flags")))).encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("HH_RAY_CACHE") or Path.home() / ".cache" / "hh-ray") / "cpu_matmul.json"
     known = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in known:

@@ -35,13 +35,12 @@ from typing import Any
 import torch
 
 from hh_ray.checkpoint import latest_checkpoint, read_state
-from hh_ray.runtime import with_resolved_autocast
 from hh_ray.config import Config, with_value
 from hh_ray.conversation import model_format
 from hh_ray.distill import (cache_is_valid, cache_meta, load_cache, load_corpus, loss_mask, loss_tokens,
                             next_token_logp, pad_rows, prompt_kv, read_prompt, save_shard, sft_example,
                             stack_targets, teacher_rows, token_nll, topk_kl, write_meta)
-from learners.group import checkpoint_to_resume, fit_and_log, group_uses_gpu, learner_trainer
+from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer, with_learner_autocast, worker_resources
 from learners.kit import adamw, all_reduce_sum, clip_and_step, no_sync_unless, restore_checkpoint, unwrap
 from learners.pm_learner import (MAX_GRAD_NORM, chain_digest, checkpoint, epoch_order, resume_point, step_ids,
                                  steps_per_epoch, worker_micro_batches)
@@ -377,7 +376,7 @@ def train_policy_init(cfg, run_dir, stage: str, resume: bool = False, stop_after
     if s.eval_texts:
         held_out = held_out[: s.eval_texts]
     check_settings(cfg, stage, s, len(train), prompt_ids, init_path)
-    cfg = with_resolved_autocast(cfg, f"{stage}.autocast", group_uses_gpu(s.num_workers))
+    cfg = with_learner_autocast(cfg, f"{stage}.autocast", worker_resources(s.num_workers))
     teacher_cache, meta, valid = prepare_teacher_cache(cfg, stage, run_dir, init_path, prompt_ids, train + held_out)
     print(f"{stage}: {len(train)} training and {len(held_out)} held-out sequences from {init_path}; {info}"
           + (f"; teacher cache {'reused' if valid else 'to compute'}" if meta else ""))

@@ -89,6 +89,54 @@ def group_uses_gpu(num_workers: int) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= num_workers
 
 
+def worker_resources(num_workers: int, cpus_per_worker: int = 1) -> dict[str, float]:
+    """What one worker of a PM/distillation learner group asks Ray for: a GPU where the
+    cluster has one for each worker, else its CPUs (Ray sets its torch threads from them)."""
+    return {"CPU": 1, "GPU": 1} if group_uses_gpu(num_workers) else {"CPU": cpus_per_worker}
+
+
+PROBE_TIMEOUT_S = 60.0  # how long the learners' precision probe waits for a node with a learner's resources
+
+
+def with_learner_autocast(cfg, key: str, resources: dict[str, float]):
+    """cfg with the learners' autocast setting at `key` resolved where a learner runs.
+
+    'auto' is measured by a one-off Ray task that asks for one learner worker's `resources`
+    (Ray's names: CPU, GPU and custom ones), so it lands on a node a learner could take: the
+    driver may sit on a head node with another processor and no GPU, and a GPU without bf16
+    (T4, V100) must train in full precision. If no such node is free within PROBE_TIMEOUT_S
+    (an autoscaler still starting one), the driver decides (bf16 for workers that get GPUs,
+    else by its own processor) and says so."""
+    import ray
+
+    from hh_ray.runtime import resolve_autocast, with_autocast, worker_env
+
+    section, name = key.split(".")
+    value, why = getattr(getattr(cfg, section), name), "set in the config"
+    if value == "auto":
+        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+        probe = ray.remote(_resolve_autocast_on_this_node).options(
+            num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), resources=custom,
+            runtime_env={"env_vars": worker_env()})
+        ref = probe.remote(cfg.model.cache_dir)
+        try:
+            value, why = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            value, why = resolve_autocast("auto", cfg.model.cache_dir, workers_on_gpu=resources.get("GPU", 0) > 0)
+            why += f"; decided by the driver: no node had a learner's resources {resources} free in {PROBE_TIMEOUT_S:.0f} s"
+    return with_autocast(cfg, key, value, why)
+
+
+def _resolve_autocast_on_this_node(cache_dir: str) -> tuple[str, str]:
+    import socket
+
+    from hh_ray.runtime import resolve_autocast
+
+    value, why = resolve_autocast("auto", cache_dir)
+    return value, f"{why}; measured on a learner's node, {socket.gethostname()}"
+
+
 def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path, cpus_per_worker: int = 1,
                     max_failures: int = 0, autocast: str = "none"):
     """A TorchTrainer of num_workers workers on the running Ray cluster.
@@ -108,9 +156,8 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path,
     return torch_trainer(
         train_loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        # On CPU machines Ray gives each worker as many torch threads as CPUs (OMP_NUM_THREADS).
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+                                     resources_per_worker=worker_resources(num_workers, cpus_per_worker)),
         run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env={"env_vars": worker_env(trains_in=autocast)}),

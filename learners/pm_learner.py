@@ -42,8 +42,7 @@ from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import DataError, load_comparisons
 from hh_ray.lora import add_lora, hf_state_dict
 from hh_ray.packing import length_grouped, packed_length
-from hh_ray.runtime import with_resolved_autocast
-from learners.group import checkpoint_to_resume, fit_and_log, group_uses_gpu, learner_trainer
+from learners.group import checkpoint_to_resume, fit_and_log, learner_trainer, with_learner_autocast, worker_resources
 from learners.kit import (adamw, all_reduce_sum, clip_and_step, full_model_state, no_sync_unless,
                           restore_checkpoint, save_checkpoint, unwrap)
 
@@ -360,7 +359,7 @@ def train_pm(cfg, run_dir, resume: bool = False, stop_after_steps: int | None = 
     stages, held_out, init_path, info = prepare_data(cfg)
     import ray  # connected by the caller (hh_ray.orchestration.cluster.ensure_ray)
 
-    cfg = with_resolved_autocast(cfg, "pm.autocast", group_uses_gpu(cfg.pm.num_workers))
+    cfg = with_learner_autocast(cfg, "pm.autocast", worker_resources(cfg.pm.num_workers, cfg.pm.cpus_per_worker))
 
     tracker = Tracker(run_dir, cfg, stage="pm")
     tracker.log(0, info, stage="pm_data")

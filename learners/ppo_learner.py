@@ -53,7 +53,7 @@ from learners.weight_sync import WeightBroadcaster
 
 RESULT_TIMEOUT_S = 1800
 
-__all__ = ["PPOLearnerGroup", "LearnerGroupRestarted", "PolicyModel", "ValueModel", "micro_batches"]
+__all__ = ["PPOLearnerGroup", "LearnerGroupRestarted", "PolicyModel", "ValueModel", "learner_resources", "micro_batches"]
 
 
 class ValueModel(torch.nn.Module):
@@ -401,6 +401,13 @@ def ppo_train_loop(config: dict) -> None:
     serve_commands(worker, config["commands"][rank], config["results"], rank, ctx.get_world_size())
 
 
+def learner_resources(cfg: Config) -> dict[str, float]:
+    """What one PPO learner worker asks Ray for: its CPUs, its GPU share and custom resources."""
+    gpus = gpus_for(cfg.ppo.gpus_per_learner, ray.cluster_resources().get("GPU", 0), 1)
+    return {"CPU": cfg.ppo.cpus_per_learner, **({"GPU": gpus} if gpus else {}),
+            **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}
+
+
 class PPOLearnerGroup:
     """Driver-side handle: runs the TorchTrainer in a thread and sends its workers commands."""
 
@@ -409,14 +416,13 @@ class PPOLearnerGroup:
         n = cfg.ppo.num_learners
         commands = [mailbox.channel(f"learner-{rank}-commands") for rank in range(n)]
         self.results = mailbox.channel("learner-results")
-        gpus = gpus_for(cfg.ppo.gpus_per_learner, ray.cluster_resources().get("GPU", 0), 1)
+        resources = learner_resources(cfg)
+        gpus = resources.get("GPU", 0)
         self.trainer = torch_trainer(
             ppo_train_loop,
             train_loop_config={"cfg": cfg, "paths": paths, "commands": commands, "results": self.results},
             torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=bool(gpus), resources_per_worker={
-                "CPU": cfg.ppo.cpus_per_learner, **({"GPU": gpus} if gpus else {}),
-                **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}),
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=bool(gpus), resources_per_worker=resources),
             run_config=RunConfig(name="ppo-learners", storage_path=str(Path(run_dir).resolve() / "ray_train"),
                                  failure_config=FailureConfig(max_failures=cfg.ppo.max_learner_restarts),
                                  worker_runtime_env={"env_vars": worker_env(trains_in=cfg.ppo.autocast)}),

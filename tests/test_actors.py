@@ -73,6 +73,8 @@ def test_pm_service_resolves_auto_autocast_on_its_own_device(ray_cluster, pm_dir
         # on this machine's CPU, as this process would choose; and it says why
         assert (where["autocast"], where["autocast_why"]) == resolve_autocast("auto")
         assert where["device"] == "cpu" and "matmul" in where["autocast_why"]
+        # under bf16 the service keeps its matmul weights in bf16: the same scores, half the memory
+        assert where["linear_weights"] == ("bfloat16" if where["autocast"] == "bfloat16" else "float32")
     finally:
         ray.kill(auto)
 

@@ -144,6 +144,29 @@ def test_the_precision_auto_chose_is_printed_and_in_config_yaml(full_run):
     assert saved["pm"]["autocast"] == resolve_autocast("auto")[0] != "auto"
 
 
+def test_the_learners_auto_precision_is_measured_on_a_learners_node(ray_cluster, tmp_path, monkeypatch, capsys):
+    """The probe runs in a Ray task that asks for a learner's resources, not in the driver (which
+    may be a head node with another processor, or without the learners' GPUs)."""
+    from hh_ray import runtime
+    from learners import group
+
+    cfg = tiny_cfg(**{"model.cache_dir": str(tmp_path), "ppo.autocast": "auto"})
+    monkeypatch.setattr(runtime, "_matmul_seconds", lambda *a, **k: pytest.fail("probed in the driver"))
+    got = group.with_learner_autocast(cfg, "ppo.autocast", {"CPU": 1})
+    assert "measured on a learner's node" in capsys.readouterr().out
+    # the task cached what it measured: the driver now reads the same choice without probing
+    assert got.ppo.autocast == runtime.resolve_autocast("auto", str(tmp_path))[0] != "auto"
+    assert len(json.loads((tmp_path / "cpu_matmul.json").read_text())) == 1
+
+    # No node has a learner's resources free: the driver decides by its own (cached) probe,
+    # or bf16 for learners that get GPUs, and says so.
+    monkeypatch.setattr(group, "PROBE_TIMEOUT_S", 1.0)
+    assert group.with_learner_autocast(cfg, "ppo.autocast", {"CPU": 1, "no_such_node": 1}).ppo.autocast \
+        == got.ppo.autocast
+    assert group.with_learner_autocast(cfg, "ppo.autocast", {"CPU": 1, "GPU": 1}).ppo.autocast == "bfloat16"
+    assert capsys.readouterr().out.count("decided by the driver") == 2
+
+
 def test_a_lora_pm_trains_adapters_and_saves_a_plain_merged_pm(ray_cluster, tiny_model, tmp_path):
     """model.lora_rank on the PM: adapters and the score head train, the backbone's own weights
     stay, and the saved PM is a plain folder (adapters merged) that loads and scores as any PM."""

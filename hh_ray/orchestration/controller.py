@@ -39,9 +39,9 @@ from hh_ray.models import is_scalar_head_model, load_pm_tokenizer, load_tokenize
 from hh_ray.orchestration.rollouts import Prefetch, RolloutProducer, WeightsLost
 from hh_ray.prompt_stream import PromptStream, load_prompts
 from hh_ray.reward_kl import plot_reward_vs_sqrt_kl
-from hh_ray.runtime import gpus_for, with_resolved_autocast
 from hh_ray.tracking import Tracker, read_metrics
-from learners.ppo_learner import LearnerGroupRestarted, LearnerPaths, PPOLearnerGroup
+from learners.group import with_learner_autocast
+from learners.ppo_learner import LearnerGroupRestarted, LearnerPaths, PPOLearnerGroup, learner_resources
 from learners.transport import LearnerError
 from learners.weight_sync import WeightGroupUnavailable
 
@@ -103,11 +103,11 @@ class RLHFController:
         self.policy_path, self.pm_path = resolve_paths(cfg)
         # Every part of the run reads the resolved format from the config (and config.yaml shows it).
         self.cfg = cfg = with_value(cfg, "model.conversation_format", check_config(cfg, self.policy_path, self.pm_path))
-        # ppo.autocast: resolved here for the learners, which may have GPUs this driver lacks; the PM
-        # service resolves the setting as given on its own device (the placement row says what it chose).
+        # ppo.autocast: resolved on a node a learner could take (it may have GPUs or a processor this
+        # driver lacks); the PM service resolves the setting as given on its own device (the placement
+        # row says what it chose).
         pm_autocast = cfg.ppo.autocast
-        self.cfg = cfg = with_resolved_autocast(
-            cfg, "ppo.autocast", gpus_for(cfg.ppo.gpus_per_learner, ray.cluster_resources().get("GPU", 0), 1) > 0)
+        self.cfg = cfg = with_learner_autocast(cfg, "ppo.autocast", learner_resources(cfg))
         # auto: broadcast, which every engine takes; the object store if its group cannot form.
         self.auto_sync = cfg.generation.weight_sync == "auto"
         self.cfg = cfg = with_value(cfg, "generation.weight_sync", "broadcast" if self.auto_sync
