@@ -299,17 +299,20 @@ def main() -> None:
         res["model GFLOP/iteration"] = sum(sum(parts.values()) for parts in gflop.values())
         for phase, fraction in limit_fractions(gflop, seconds, limits).items():
             res[f"% of matmul limit: {phase}"] = 100 * fraction
-        # The same against the model's own matmul shapes, measured after the run: generation
-        # multiplies one row per sequence at a time (decode), the other phases a micro-batch of
-        # whole sequences (their mean length in this run).
+        # The same against the model's own matmul shapes, measured after the run: generation's
+        # decode steps multiply one row per sequence (its prefill, whole prompts), the other phases
+        # a micro-batch of whole sequences (their mean length in this run).
         rows = {"decode": args.prompts, "micro-batch": cfg.ppo.micro_batch_size * round(
             statistics.mean(r["tokens_sequences"] / r["samples"] for r in steady))}
         shaped = {(which, kind): shaped_matmul_gflops(precision[kind], shape["layer_matrices"], n)
                   for which, n in rows.items() for kind in ("model", "autocast")}
+        res["micro-batch rows"] = rows["micro-batch"]
         for (which, kind), speed in shaped.items():
-            res[f"{which} rows ({rows[which]}), {precision[kind]} matmul GFLOP/s"] = speed
-        by_phase = {phase: {kind: shaped["decode" if phase == "generate" else "micro-batch", kind]
-                            for kind in ("model", "autocast")} for phase in gflop}
+            res[f"{which} rows, {precision[kind]} matmul GFLOP/s"] = speed
+        decoded = res["tokens/iteration"] / statistics.mean(r["tokens_sequences"] for r in steady)
+        by_phase = {phase: {kind: shaped["micro-batch", kind] for kind in ("model", "autocast")} for phase in gflop}
+        by_phase["generate"] = {kind: 1 / (decoded / shaped["decode", kind] + (1 - decoded) / shaped["micro-batch", kind])
+                                for kind in ("model", "autocast")}
         for phase, fraction in limit_fractions(gflop, seconds, by_phase).items():
             res[f"% of model-shape limit: {phase}"] = 100 * fraction
         res["generated tokens/s"] = res["tokens/iteration"] / res["generate s"]

@@ -115,7 +115,8 @@ def with_learner_autocast(cfg, key: str, resources: dict[str, float]):
     value, why = getattr(getattr(cfg, section), name), "set in the config"
     if value == "auto":
         custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-        probe = ray.remote(_resolve_autocast_on_this_node).options(
+        # max_calls=1: the worker exits after it (an idle worker with torch loaded holds ~0.4 GiB).
+        probe = ray.remote(max_calls=1)(_resolve_autocast_on_this_node).options(
             num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), resources=custom,
             runtime_env={"env_vars": worker_env()})
         ref = probe.remote(cfg.model.cache_dir)
