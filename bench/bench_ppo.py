@@ -20,8 +20,7 @@ steady iterations' samples over their wall time.
 Each mode also gets the model FLOPs of an iteration counted from the shapes
 (iteration_gflop) and the share of the machine's matmul speed, in the precision the
 run used, that each phase and the whole iteration reach; and the same against the machine's speed
-on the model's own matmul shapes (a decoder layer's weight matrices times one row per sequence
-for generation's decode steps, times a learner micro-batch of whole sequences for the rest).
+on the model's own matmul shapes (a decoder layer's weight matrices times a learner micro-batch).
 """
 
 from __future__ import annotations
@@ -150,9 +149,9 @@ def model_shape(path: str) -> dict:
 
 def shaped_matmul_gflops(dtype: str, matrices: list[tuple[int, int]], rows: int, seconds: float = 2.0) -> float:
     """The machine's matmul speed on the model's own products: `rows` tokens (one learner
-    micro-batch) through every weight matrix of a decoder layer in turn. The 1024^3 probe is
-    the ceiling; the decoder's narrow matrices (576 wide in SmolLM2-135M) cannot reach it, so
-    this says how much of a phase's gap to it is the shapes and how much is everything else."""
+    micro-batch) through every weight matrix of a decoder layer in turn, through torch. Set
+    beside the 1024^3 probe, it says whether the decoder's narrow matrices (576 wide in
+    SmolLM2-135M) are what keeps a phase from the limit, or everything else is."""
     import torch
 
     xs = {k: torch.randn(rows, k, dtype=getattr(torch, dtype)) for _, k in matrices}
@@ -193,10 +192,8 @@ def iteration_gflop(shape: dict, row: dict, epochs: int, critic: bool = True,
 
 def limit_fractions(gflop: dict, seconds: dict, limits: dict) -> dict[str, float]:
     """Per phase, and for the iteration (the sum over phases), the time the phase's FLOPs would
-    take at the machine's matmul speed in their precisions, over the time they took. `limits`:
-    GFLOP/s by precision kind, or by phase and then kind."""
-    at = lambda phase, kind: limits[phase][kind] if phase in limits else limits[kind]  # noqa: E731
-    ideal = {phase: sum(g / at(phase, kind) for kind, g in parts.items()) for phase, parts in gflop.items()}
+    take at the machine's matmul speed in their precisions, over the time they took."""
+    ideal = {phase: sum(g / limits[kind] for kind, g in parts.items()) for phase, parts in gflop.items()}
     out = {phase: ideal[phase] / seconds[phase] for phase in gflop}
     out["iteration"] = sum(ideal.values()) / seconds["iteration"]
     return out
@@ -299,21 +296,13 @@ def main() -> None:
         res["model GFLOP/iteration"] = sum(sum(parts.values()) for parts in gflop.values())
         for phase, fraction in limit_fractions(gflop, seconds, limits).items():
             res[f"% of matmul limit: {phase}"] = 100 * fraction
-        # The same against the model's own matmul shapes, measured after the run: generation's
-        # decode steps multiply one row per sequence (its prefill, whole prompts), the other phases
-        # a micro-batch of whole sequences (their mean length in this run).
-        rows = {"decode": args.prompts, "micro-batch": cfg.ppo.micro_batch_size * round(
-            statistics.mean(r["tokens_sequences"] / r["samples"] for r in steady))}
-        shaped = {(which, kind): shaped_matmul_gflops(precision[kind], shape["layer_matrices"], n)
-                  for which, n in rows.items() for kind in ("model", "autocast")}
-        res["micro-batch rows"] = rows["micro-batch"]
-        for (which, kind), speed in shaped.items():
-            res[f"{which} rows, {precision[kind]} matmul GFLOP/s"] = speed
-        decoded = res["tokens/iteration"] / statistics.mean(r["tokens_sequences"] for r in steady)
-        by_phase = {phase: {kind: shaped["micro-batch", kind] for kind in ("model", "autocast")} for phase in gflop}
-        by_phase["generate"] = {kind: 1 / (decoded / shaped["decode", kind] + (1 - decoded) / shaped["micro-batch", kind])
-                                for kind in ("model", "autocast")}
-        for phase, fraction in limit_fractions(gflop, seconds, by_phase).items():
+        # The same against the machine's speed on the model's own matmul shapes (a micro-batch of
+        # whole sequences of this run's mean length), measured after the run.
+        rows = cfg.ppo.micro_batch_size * round(statistics.mean(r["tokens_sequences"] / r["samples"] for r in steady))
+        shaped = {kind: shaped_matmul_gflops(dtype, shape["layer_matrices"], rows) for kind, dtype in precision.items()}
+        res["micro-batch rows"] = rows
+        res.update({f"micro-batch rows, {dtype} matmul GFLOP/s": shaped[kind] for kind, dtype in precision.items()})
+        for phase, fraction in limit_fractions(gflop, seconds, shaped).items():
             res[f"% of model-shape limit: {phase}"] = 100 * fraction
         res["generated tokens/s"] = res["tokens/iteration"] / res["generate s"]
         autocasts[column] = saved["ppo"]["autocast"]
