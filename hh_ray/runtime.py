@@ -122,15 +122,6 @@ def resolve_autocast(value: str, cache_dir: str = "", workers_on_gpu: bool = Fal
     return ("bfloat16" if bf16 <= fp32 else "none"), why
 
 
-def with_autocast(cfg, key: str, value: str, why: str):
-    """cfg with the autocast setting at `key` ('ppo.autocast', 'pm.autocast', ...) set to its
-    resolved `value`, the choice and its reason printed; config.yaml then records what the run used."""
-    from hh_ray.config import with_value
-
-    print(f"{key}={value} ({why})", flush=True)
-    return with_value(cfg, key, value)
-
-
 def processor_name() -> str:
     """The processor this runs on, and whether it has bf16 matmul units: speeds differ by
     machine, so every benchmark names it."""

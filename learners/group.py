@@ -109,7 +109,8 @@ def with_learner_autocast(cfg, key: str, resources: dict[str, float]):
     else by its own processor) and says so."""
     import ray
 
-    from hh_ray.runtime import resolve_autocast, with_autocast, worker_env
+    from hh_ray.config import with_value
+    from hh_ray.runtime import resolve_autocast, worker_env
 
     section, name = key.split(".")
     value, why = getattr(getattr(cfg, section), name), "set in the config"
@@ -126,7 +127,8 @@ def with_learner_autocast(cfg, key: str, resources: dict[str, float]):
             ray.cancel(ref, force=True)
             value, why = resolve_autocast("auto", cfg.model.cache_dir, workers_on_gpu=resources.get("GPU", 0) > 0)
             why += f"; decided by the driver: no node had a learner's resources {resources} free in {PROBE_TIMEOUT_S:.0f} s"
-    return with_autocast(cfg, key, value, why)
+    print(f"{key}={value} ({why})", flush=True)  # and config.yaml records what the run used
+    return with_value(cfg, key, value)
 
 
 def _resolve_autocast_on_this_node(cache_dir: str) -> tuple[str, str]:
