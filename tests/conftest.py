@@ -50,6 +50,8 @@ def ray_cluster(cache_dir):
     """
     import ray
 
+    if ray.is_initialized():  # a CLI test ran `main` in this process before: its cluster, not ours
+        ray.shutdown()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"HH_RAY_CACHE": cache_dir, "WANDB_MODE": "offline",
                                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
