@@ -155,12 +155,12 @@ def learner_trainer(train_loop, config: dict, num_workers: int, ckpt_root: Path,
 
     from hh_ray.runtime import worker_env
 
-    use_gpu = group_uses_gpu(num_workers)
+    resources = worker_resources(num_workers, cpus_per_worker)
+    use_gpu = "GPU" in resources
     return torch_trainer(
         train_loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(num_workers, cpus_per_worker)),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=time.strftime("attempt-%Y%m%d-%H%M%S"), storage_path=str(ckpt_root),
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env={"env_vars": worker_env(trains_in=autocast)}),
