@@ -33,8 +33,10 @@ def engine_kwargs(model_path: str, gen_cfg: GenerationConfig, max_model_len: int
                   dtype: str = "float32", seed: int = 0, runner: str = "generate") -> dict:
     """Keyword arguments of `vllm.LLM` for one engine.
 
-    - CPU: float32 (the CPU kernels and our HF learners agree in fp32), eager
-      mode (no graph capture to amortise), and an explicit KV-cache size:
+    - CPU: float32 (the CPU kernels and our HF learners agree in fp32; bf16
+      weights decode faster where bf16 is fast but move the behaviour log-probs,
+      and the KL read from them, away from the fp32 reference: bench/RESULTS.md),
+      eager mode (no graph capture to amortise), and an explicit KV-cache size:
       `gpu_memory_utilization` would mean a fraction of a NUMA node's RAM.
     - GPU: the model's dtype, CUDA graphs, `generation.gpu_memory_utilization`,
       tensor parallelism.

@@ -67,14 +67,15 @@ def check_config(cfg: Config, policy: str, pm: str) -> str:
     The policy is trained in the format its folder records (or `model.conversation_format`
     resolves to); the PM must score conversations in the same one. The critic reads the
     policy's token ids, so a critic started from the PM needs the policy's vocabulary."""
-    fmt = model_format(policy, cfg.model.conversation_format, load_tokenizer(policy))
+    policy_tokenizer = load_tokenizer(policy)
+    fmt = model_format(policy, cfg.model.conversation_format, policy_tokenizer)
     pm_fmt = read_format(pm)
     if pm_fmt is not None and pm_fmt != fmt:
         raise ConfigError(f"model.pm: {pm} was trained on conversations in the {pm_fmt!r} format, but the policy "
                           f"({policy}) uses {fmt!r}; train the PM in the policy's format "
                           f"(model.conversation_format={fmt})")
     if cfg.ppo.critic_init == "pm" and needs_critic(cfg.ppo.advantage_estimator):
-        pol, pmv = load_tokenizer(policy).get_vocab(), load_pm_tokenizer(pm).get_vocab()
+        pol, pmv = policy_tokenizer.get_vocab(), load_pm_tokenizer(pm).get_vocab()
         differ = [t for t, i in pol.items() if pmv.get(t) != i]
         if differ:
             raise ConfigError(f"ppo.critic_init=pm, but the PM's tokenizer ({pm}) differs from the policy's "
