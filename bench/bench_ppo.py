@@ -153,8 +153,7 @@ def model_shape(path: str) -> dict:
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             shapes.update({k: st.get_slice(k).get_shape() for k in st.keys()})
-    numel = lambda s: math.prod(s)  # noqa: E731
-    body = sum(numel(s) for k, s in shapes.items() if k.startswith("model.") and "embed_tokens" not in k)
+    body = sum(math.prod(s) for k, s in shapes.items() if k.startswith("model.") and "embed_tokens" not in k)
     layer = [tuple(s) for k, s in shapes.items() if k.startswith("model.layers.0.") and len(s) == 2]
     return {"body": body, "layers": c["num_hidden_layers"], "hidden": c["hidden_size"], "vocab": c["vocab_size"],
             "layer_matrices": layer}
