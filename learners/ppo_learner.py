@@ -359,9 +359,11 @@ class PPOWorker:
         return [ray.put(weights_for_sync(unwrap(self.policy).lm))] if self.rank == 0 else None
 
     def broadcast(self, version: int, workers: list) -> dict | None:
-        """Rank 0: send the policy straight into the generation workers' engines."""
+        """Rank 0: send the policy straight into the generation workers' engines
+        (`workers`: [ObjectRef to their handles], PPOLearnerGroup.broadcast says why)."""
         if self.rank != 0:
             return None
+        workers = ray.get(workers[0])
         if self.broadcaster is None:
             g = self.cfg.generation
             self.broadcaster = WeightBroadcaster(self.device, g.tensor_parallel_size, g.weight_bucket_mb << 20)
@@ -467,8 +469,11 @@ class PPOLearnerGroup:
         return self._call("publish")
 
     def broadcast(self, version: int, workers: list) -> dict:
-        """Send the policy to the generation `workers` (actor handles), which hold `version` after."""
-        return self._call("broadcast", version=version, workers=workers)
+        """Send the policy to the generation `workers` (actor handles), which hold `version` after.
+        The handles travel in the object store: the channel actor that carries the command would
+        otherwise unpickle them, import the generation actor's module, torch with it, and hold
+        0.19 GiB more for the rest of the run."""
+        return self._call("broadcast", version=version, workers=[ray.put(workers)])
 
     def checkpoint(self, root: Path, step: int, controller_state: dict) -> Path:
         return Path(self._call("checkpoint", root=str(root), step=step, controller_state=controller_state)["path"])
