@@ -27,18 +27,20 @@ from hh_ray.estimators import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, lookup
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """log softmax(logits)[label], [B, T]. Chunked over T so the full
-    [B, T, V] log-softmax (V = 49k for SmolLM2) never exists at once in float32."""
+    [B, T, V] log-softmax (V = 49k for SmolLM2) never exists at once in float32.
+    `split`, not slicing: a slice's backward writes its chunk into a zeroed [B, T, V]
+    gradient, once per chunk, while split's backward joins the chunks' gradients once."""
     out = []
-    for s in range(0, logits.shape[1], chunk):
-        lg = logits[:, s: s + chunk].float()
-        out.append(lg.gather(-1, labels[:, s: s + chunk, None]).squeeze(-1) - torch.logsumexp(lg, -1))
+    for lg, lab in zip(logits.split(chunk, 1), labels.split(chunk, 1)):
+        lg = lg.float()
+        out.append(lg.gather(-1, lab[..., None]).squeeze(-1) - torch.logsumexp(lg, -1))
     return torch.cat(out, 1)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     out = []
-    for s in range(0, logits.shape[1], chunk):
-        logp = F.log_softmax(logits[:, s: s + chunk].float(), -1)
+    for lg in logits.split(chunk, 1):
+        logp = F.log_softmax(lg.float(), -1)
         out.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out, 1)
 

@@ -16,6 +16,21 @@ def test_token_logprobs_matches_log_softmax_and_chunks():
     assert torch.allclose(ppo.token_logprobs(logits, labels, chunk=3), want, atol=1e-6)
 
 
+def test_chunked_logprobs_and_entropy_give_the_unchunked_gradients():
+    torch.manual_seed(0)
+    labels, weight = torch.randint(0, 11, (2, 7)), torch.randn(2, 7)
+
+    def grad(f):
+        logits = torch.randn(2, 7, 11, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (f(logits) * weight).sum().backward()
+        return logits.grad
+
+    full = lambda lg: torch.log_softmax(lg, -1).gather(-1, labels[..., None]).squeeze(-1)  # noqa: E731
+    assert torch.allclose(grad(lambda lg: ppo.token_logprobs(lg, labels, chunk=3)), grad(full), atol=1e-6)
+    entropy = lambda lg: -(torch.softmax(lg, -1) * torch.log_softmax(lg, -1)).sum(-1)  # noqa: E731
+    assert torch.allclose(grad(lambda lg: ppo.entropy_from_logits(lg, chunk=3)), grad(entropy), atol=1e-6)
+
+
 def test_entropy_of_uniform_is_log_v():
     ent = ppo.entropy_from_logits(torch.zeros(1, 2, 8))
     assert torch.allclose(ent, torch.full((1, 2), math.log(8)))
