@@ -53,7 +53,7 @@ from learners.weight_sync import WeightBroadcaster
 
 RESULT_TIMEOUT_S = 1800
 
-__all__ = ["PPOLearnerGroup", "LearnerGroupRestarted", "PolicyModel", "ValueModel", "learner_resources", "micro_batches"]
+__all__ = ["PPOLearnerGroup", "LearnerGroupRestarted", "PolicyModel", "ValueModel", "command_channels", "learner_resources", "micro_batches"]
 
 
 class ValueModel(torch.nn.Module):
@@ -359,11 +359,9 @@ class PPOWorker:
         return [ray.put(weights_for_sync(unwrap(self.policy).lm))] if self.rank == 0 else None
 
     def broadcast(self, version: int, workers: list) -> dict | None:
-        """Rank 0: send the policy straight into the generation workers' engines
-        (`workers`: [ObjectRef to their handles], PPOLearnerGroup.broadcast says why)."""
+        """Rank 0: send the policy straight into the generation workers' engines."""
         if self.rank != 0:
             return None
-        workers = ray.get(workers[0])
         if self.broadcaster is None:
             g = self.cfg.generation
             self.broadcaster = WeightBroadcaster(self.device, g.tensor_parallel_size, g.weight_bucket_mb << 20)
@@ -410,13 +408,19 @@ def learner_resources(cfg: Config) -> dict[str, float]:
             **parse_resources(cfg.ppo.learner_resources, "ppo.learner_resources")}
 
 
+def command_channels(mailbox, n: int) -> list:
+    """Each learner rank's command channel on the run's channel actor, by ref: commands carry
+    actor handles and refs the actor has no need to unpickle (Channel says why)."""
+    return [mailbox.channel(f"learner-{rank}-commands", by_ref=True) for rank in range(n)]
+
+
 class PPOLearnerGroup:
     """Driver-side handle: runs the TorchTrainer in a thread and sends its workers commands."""
 
     def __init__(self, cfg: Config, paths: LearnerPaths, run_dir: Path, mailbox):
         """`mailbox`: the run's RolloutQueue, whose actor also carries commands and results."""
         n = cfg.ppo.num_learners
-        commands = [mailbox.channel(f"learner-{rank}-commands") for rank in range(n)]
+        commands = command_channels(mailbox, n)
         self.results = mailbox.channel("learner-results")
         resources = learner_resources(cfg)
         gpus = resources.get("GPU", 0)
@@ -469,11 +473,8 @@ class PPOLearnerGroup:
         return self._call("publish")
 
     def broadcast(self, version: int, workers: list) -> dict:
-        """Send the policy to the generation `workers` (actor handles), which hold `version` after.
-        The handles travel in the object store: the channel actor that carries the command would
-        otherwise unpickle them, import the generation actor's module, torch with it, and hold
-        0.19 GiB more for the rest of the run."""
-        return self._call("broadcast", version=version, workers=[ray.put(workers)])
+        """Send the policy to the generation `workers` (actor handles), which hold `version` after."""
+        return self._call("broadcast", version=version, workers=workers)
 
     def checkpoint(self, root: Path, step: int, controller_state: dict) -> Path:
         return Path(self._call("checkpoint", root=str(root), step=step, controller_state=controller_state)["path"])

@@ -124,25 +124,20 @@ def test_broadcast_reaches_every_engine_and_a_revived_one_rejoins(broadcast_pool
 
 
 def test_a_broadcast_command_leaves_the_channel_actor_without_torch(broadcast_pool):
-    """The learner group's broadcast command travels through the channel actor (a Ray worker
-    with nothing but Ray loaded); it must not carry what makes that process import the
-    generation module and torch with it (0.19 GiB for the rest of a run): the handles go by ref."""
+    """The learners' commands travel through the channel actor (a Ray worker with nothing but
+    Ray loaded); the broadcast command's generation-worker handles must not make that process
+    import the generation module and torch with it (0.19 GiB for the rest of a run)."""
     from actors.rollout_queue import RolloutQueue
-    from learners.ppo_learner import PPOLearnerGroup
+    from learners.ppo_learner import command_channels
     from learners.transport import Command
 
-    sent = {}
-    group = object.__new__(PPOLearnerGroup)  # only its command, not a learner group
-    group._call = lambda name, **args: sent.update(name=name, args=args)
-    group.broadcast(1, broadcast_pool.workers)
     queue = RolloutQueue(1)
     try:
-        channel = queue.channel("commands")
-        channel.put(Command(0, "run", sent["name"], sent["args"]))
-        assert channel.get(timeout=30).args["version"] == 1
+        [channel] = command_channels(queue, 1)
+        channel.put(Command(1, "run", "broadcast", {"version": 1, "workers": broadcast_pool.workers}))
         loaded = ray.get(queue._actor.__ray_call__.remote(lambda actor: sorted(
             m for m in ("torch", "actors.generation") if m in __import__("sys").modules)))
         assert loaded == []
-        assert ray.get(sent["args"]["workers"][0]) == broadcast_pool.workers  # what the learner reads
+        assert channel.get(timeout=30).args == {"version": 1, "workers": broadcast_pool.workers}
     finally:
         queue.shutdown()
