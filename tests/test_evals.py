@@ -311,7 +311,31 @@ def tiny_pm(tiny_model, tmp_path_factory):
     return str(save_model(model, tok, tmp_path_factory.mktemp("pm") / "pm"))
 
 
-def test_eval_commands_then_report(tiny_model, tiny_pm, tmp_path):
+def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(ray_cluster, tiny_model):
+    import torch
+
+    from hh_ray.models import load_policy
+    from hh_ray.orchestration.sampling import PolicySampler
+    from hh_ray.weights import weights_for_sync
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{"model.policy": tiny_model, "generation.max_new_tokens": 8})
+    long = "\n\nHuman: " + "tell me more " * 200 + "\n\nAssistant:"  # far over max_seq_len: cut from the left
+    prompts = ["\n\nHuman: Hi there.\n\nAssistant:", long, "\n\nHuman: How are you?\n\nAssistant:"]
+    with PolicySampler(cfg, tiny_model) as sampler:
+        first = sampler.sample(prompts, 3)
+        assert [len(r) for r in first] == [3, 3, 3]
+        assert len(set(first[0])) > 1  # a prompt's n samples are n draws
+        assert sampler.sample(prompts, 3) == first  # the same seeds, the same draw
+        assert sampler.sample(prompts[:1], 3) == first[:1]  # prompt i's seed is its own
+        model = load_policy(tiny_model)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(-1.0)
+        sampler.load(1, weights_for_sync(model))
+        assert sampler.sample(prompts, 3) != first  # other weights, other samples
+
+
+def test_eval_commands_then_report(ray_cluster, tiny_model, tiny_pm, tmp_path):
     from hh_ray.orchestration.cli import main
     from hh_ray.data import Comparison, write_jsonl
 

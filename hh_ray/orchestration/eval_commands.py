@@ -16,8 +16,9 @@ import numpy as np
 
 from hh_ray.config import Config
 from hh_ray.data import DataError, first_prompt, load_comparisons, prompts_of
-from hh_ray.conversation import model_format, pm_format
+from hh_ray.conversation import pm_format
 from hh_ray.orchestration.robustness import eval_robustness
+from hh_ray.orchestration.sampling import PolicySampler
 
 
 def _save(run_dir: Path, name: str, results: dict) -> Path:
@@ -55,17 +56,15 @@ def eval_best_of_n(cfg: Config, run_dir: Path, args) -> int:
     E[best of n] against √KL beside the run's PPO iterations, the KL given both ways
     (`kl_log_n`: the paper's log n; `kl_exact`: log n − (n−1)/n; see hh_ray.best_of_n)."""
     from hh_ray.best_of_n import best_of_n_curve, plot_best_of_n
-    from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, resolve_model
-    from hh_ray.sampling import sample_responses, score_samples
+    from hh_ray.models import load_scalar_head_model, resolve_model
+    from hh_ray.sampling import score_samples
     from hh_ray.tracking import read_metrics
 
     policy = resolve_model(args.policy or cfg.model.policy, cfg.model.cache_dir)
     pm_dir = _pm_dir(cfg, run_dir, args.pm)
     prompts = eval_prompts(cfg, args.num_prompts)
-    model, tok = load_policy(policy, cfg.model.dtype), load_tokenizer(policy)
-    responses = sample_responses(model, tok, prompts, args.n_max, cfg.generation.max_new_tokens,
-                                 cfg.generation.temperature, cfg.model.max_seq_len - cfg.generation.max_new_tokens,
-                                 seed=cfg.seed, fmt=model_format(policy, cfg.model.conversation_format, tok))
+    with PolicySampler(cfg, policy) as sampler:
+        responses = sampler.sample(prompts, args.n_max)
     pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
     scores = score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len, fmt=pm_format(pm_dir))
     curve = best_of_n_curve(scores)
@@ -111,8 +110,8 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     maximum likelihood from the judge's wins, ties dropped as the paper drops them (`elo`), beside the
     fractional wins σ(r_a − r_b) (`elo_soft`) and the paper's rule of thumb ΔElo ≈ 174·ΔPM (`elo_174_pm`)."""
     from hh_ray.elo import ELO_PER_PM_UNIT, fit_elo, judged_wins, soft_wins, win_probability
-    from hh_ray.models import load_policy, load_scalar_head_model, load_tokenizer, resolve_model
-    from hh_ray.sampling import sample_responses, score_samples
+    from hh_ray.models import load_scalar_head_model, resolve_model
+    from hh_ray.sampling import score_samples
 
     policies = args.policies or [cfg.model.policy, str(Path(run_dir) / "policy")]
     if len(policies) + (args.best_of > 0) < 2:
@@ -122,11 +121,8 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     prompts = eval_prompts(cfg, args.num_prompts)
 
     def sample(path: str, n: int) -> list[list[str]]:
-        tok = load_tokenizer(path)
-        return sample_responses(load_policy(path, cfg.model.dtype), tok, prompts, n,
-                                cfg.generation.max_new_tokens, cfg.generation.temperature,
-                                cfg.model.max_seq_len - cfg.generation.max_new_tokens, seed=cfg.seed,
-                                fmt=model_format(path, cfg.model.conversation_format, tok))
+        with PolicySampler(cfg, path) as sampler:
+            return sampler.sample(prompts, n)
 
     @functools.cache
     def judge(pm_path: str):

@@ -10,14 +10,16 @@ from pathlib import Path
 
 from hh_ray.checkpoint import PPO_CHECKPOINTS, complete_checkpoints, read_model_state, read_state
 from hh_ray.config import set_value
-from hh_ray.conversation import model_format, pm_format
+from hh_ray.conversation import pm_format
 from hh_ray.data import write_jsonl
-from hh_ray.models import is_scalar_head_model, load_policy, load_scalar_head_model, load_tokenizer, resolve_model
+from hh_ray.models import is_scalar_head_model, load_policy, load_scalar_head_model, resolve_model
 from hh_ray.orchestration.controller import train_ppo
+from hh_ray.orchestration.sampling import PolicySampler
 from hh_ray.pm_eval import pm_comparisons
 from hh_ray.robustness import RULE, checkpoint_kl, divergence_point, plot_robustness, robustness_table, split_comparisons
-from hh_ray.sampling import sample_responses, score_samples
+from hh_ray.sampling import score_samples
 from hh_ray.tracking import read_metrics
+from hh_ray.weights import weights_for_sync
 from learners.pm_learner import train_pm
 
 
@@ -69,18 +71,13 @@ def train_both_pms(cfg, folder: Path, half_train: list, half_test: list, held_ou
 def score_checkpoints(cfg, checkpoints: list, pms: dict[str, str], prompts: list[str], samples_per_prompt: int) -> dict:
     """{PM name: mean score of each checkpoint's samples on the held-out prompts}."""
     policy0 = resolve_model(cfg.model.policy, cfg.model.cache_dir)
-    room = cfg.model.max_seq_len - cfg.generation.max_new_tokens
     samples = []
-    tok = load_tokenizer(policy0)
-    fmt = model_format(policy0, cfg.model.conversation_format, tok)
-    for it, path in checkpoints:
-        # The same seed for every checkpoint (common random numbers): differences between
-        # checkpoints come from the policies, less from the draw.
-        model = checkpoint_policy(policy0, path, cfg.model.dtype)
-        samples.append(sample_responses(model, tok, prompts, samples_per_prompt, cfg.generation.max_new_tokens,
-                                        cfg.generation.temperature, room, seed=cfg.seed, fmt=fmt))
-        print(f"robustness: sampled iteration {it} ({len(prompts)} prompts × {samples_per_prompt})", flush=True)
-        del model
+    with PolicySampler(cfg, policy0) as sampler:  # engines start with π₀
+        for k, (it, path) in enumerate(checkpoints):
+            if k:  # the same seeds for every checkpoint (PolicySampler): the draw is common
+                sampler.load(k, weights_for_sync(checkpoint_policy(policy0, path, cfg.model.dtype)))
+            samples.append(sampler.sample(prompts, samples_per_prompt))
+            print(f"robustness: sampled iteration {it} ({len(prompts)} prompts × {samples_per_prompt})", flush=True)
     rewards = {}
     for name, pm_dir in pms.items():
         pm, pm_tok = load_scalar_head_model(pm_dir, cfg.model.dtype)
@@ -139,7 +136,7 @@ def eval_robustness(cfg, run_dir: Path, args) -> int:
                           f"({len(half_train)} / {len(half_test)}); one PM trained on each half; PPO against the "
                           f"train PM for {cfg.ppo.iterations} iterations, checkpoint every {cfg.ppo.checkpoint_every}; "
                           f"each checkpoint and π₀ sampled on {len(prompts)} held-out prompts × "
-                          f"{args.samples_per_prompt} (HF generate, same seed), mean score by both PMs. Curves are "
+                          f"{args.samples_per_prompt} (vLLM, as PPO's rollouts; the same seeds for each), mean score by both PMs. Curves are "
                           "gains over π₀; KL from the PPO metrics, measured on the rollouts of the policy version in "
                           "kl_of_version (the checkpoint's own, or the one before for the last). Divergence: " + RULE
                           + f"; threshold {args.gap_threshold:g}, min_move {args.min_move:g}."),
