@@ -311,7 +311,7 @@ def tiny_pm(tiny_model, tmp_path_factory):
     return str(save_model(model, tok, tmp_path_factory.mktemp("pm") / "pm"))
 
 
-def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(ray_cluster, tiny_model):
+def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(ray_cluster, tiny_model, capsys):
     import torch
 
     from hh_ray.models import load_policy
@@ -326,6 +326,7 @@ def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(r
         first = sampler.sample(prompts, 3)
         assert [len(r) for r in first] == [3, 3, 3]
         assert len(set(first[0])) > 1  # a prompt's n samples are n draws
+        assert "sampled 3 prompts x 3 in " in capsys.readouterr().out
         assert sampler.sample(prompts, 3) == first  # the same seeds, the same draw
         assert sampler.sample(prompts[:1], 3) == first[:1]  # prompt i's seed is its own
         model = load_policy(tiny_model)

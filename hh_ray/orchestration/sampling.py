@@ -7,6 +7,8 @@ policies come from the policies, less from the draw). The PM scores them with
 
 from __future__ import annotations
 
+import time
+
 from actors.generation import GenerationPool
 from hh_ray.config import Config
 from hh_ray.conversation import model_format, render_prompt
@@ -31,7 +33,12 @@ class PolicySampler:
         room = max(1, self.pool.max_model_len - g.max_new_tokens)
         rendered = [render_prompt(p, self.tokenizer, self.format) for p in prompts]
         ids = [r[-room:] for r in self.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+        t0 = time.perf_counter()
         batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p, seed=self.cfg.seed, n=n)
+        dt = time.perf_counter() - t0
+        tokens = int(batch.response_lengths.sum())
+        print(f"sampled {len(prompts)} prompts x {n} in {dt:.1f} s ({tokens} tokens, {tokens / max(dt, 1e-9):.0f} "
+              f"tokens/s, {len(self.pool.workers)} generation worker(s))", flush=True)
         return [batch.responses[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def load(self, version: int, weights: dict) -> None:
