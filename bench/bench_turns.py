@@ -23,7 +23,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from actors.vllm_engine import make_llm, sampling_params  # noqa: E402
 from hh_ray.config import GenerationConfig  # noqa: E402
-from hh_ray.conversation import end_of_turn_token_ids, render_prompt, stop_strings  # noqa: E402
+from hh_ray.conversation import end_of_turn_token_ids, prompt_token_ids, stop_strings  # noqa: E402
 from hh_ray.data import prompts_of, synthetic_comparisons  # noqa: E402
 from hh_ray.models import resolve_model  # noqa: E402
 from hh_ray.rollout import tokens_before_stop  # noqa: E402
@@ -35,7 +35,7 @@ MADE_UP = ("Human:", "Assistant:", "<|im_start|>")
 def run(llm, tok, prompts, mode: str, max_new: int, seed: int) -> dict:
     fmt = "chat" if mode == "chat" else "hh"
     stops = stop_strings(fmt) if mode != "before" else []
-    ids = [tok(render_prompt(p, tok, fmt), add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = prompt_token_ids(prompts, tok, fmt)
     params = [sampling_params(max_new, 1.0, 1.0, seed=seed + i, logprobs=False, stop=stops,
                               stop_token_ids=end_of_turn_token_ids(tok, fmt) if mode != "before" else None)
               for i in range(len(ids))]

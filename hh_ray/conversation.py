@@ -191,6 +191,13 @@ def render_prompt(hh_prompt: str, tokenizer, fmt: str) -> str:
     return render(parse_hh(hh_prompt), tokenizer, fmt, add_generation_prompt=True)
 
 
+def prompt_token_ids(hh_prompts: list[str], tokenizer, fmt: str) -> list[list[int]]:
+    """HH prompts as the policy reads them: render_prompt, then the tokenizer without adding
+    special tokens (the rendering holds those the format wants)."""
+    rendered = [render_prompt(p, tokenizer, fmt) for p in hh_prompts]
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
 def render_transcript(hh_prompt: str, response: str, tokenizer, fmt: str) -> str:
     """The whole conversation, the response as the last, closed turn (what the PM scores).
 

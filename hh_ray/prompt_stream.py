@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from hh_ray.config import Config, ConfigError
-from hh_ray.conversation import render_prompt
+from hh_ray.conversation import prompt_token_ids
 from hh_ray.data import load_comparisons, prompts_of, train_eval_split
 
 
@@ -74,8 +74,7 @@ def load_prompts(cfg: Config, tokenizer, conversation_format: str = "hh") -> tup
     room = cfg.model.max_seq_len - cfg.generation.max_new_tokens
 
     def fits(ps):
-        rendered = [render_prompt(p, tokenizer, conversation_format) for p in ps]
-        return [p for p, ids in zip(ps, tokenizer(rendered, add_special_tokens=False)["input_ids"]) if 0 < len(ids) <= room]
+        return [p for p, ids in zip(ps, prompt_token_ids(ps, tokenizer, conversation_format)) if 0 < len(ids) <= room]
 
     train_p, eval_p = fits(prompts_of(train)), fits(prompts_of(held_out))[: cfg.ppo.eval_prompts]
     if not train_p:

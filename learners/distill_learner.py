@@ -269,7 +269,7 @@ def distill_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]
 def sft_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]:
     """(train, held-out, [], info): the config's comparisons as prompt + chosen response + the
     format's end-of-turn token (hh: EOS), the prompt rendered in the policy's conversation format."""
-    from hh_ray.conversation import end_of_turn_token_ids, render_prompt
+    from hh_ray.conversation import end_of_turn_token_ids, prompt_token_ids
     from hh_ray.pm_eval import pm_comparisons
 
     counts: dict = {}
@@ -280,7 +280,7 @@ def sft_examples(cfg, tok) -> tuple[list[dict], list[dict], list[int], dict]:
     response = (lambda c: c.chosen) if fmt == "hh" else (lambda c: c.chosen.strip())
 
     def encode(pairs):
-        p = tok([render_prompt(c.prompt, tok, fmt) for c in pairs], add_special_tokens=False)["input_ids"]
+        p = prompt_token_ids([c.prompt for c in pairs], tok, fmt)
         r = tok([response(c) for c in pairs], add_special_tokens=False)["input_ids"]
         return [sft_example(a, b, end, cfg.model.max_seq_len) for a, b in zip(p, r)]
 

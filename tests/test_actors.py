@@ -306,12 +306,12 @@ def test_chat_format_ends_the_turn_at_its_end_of_turn_token(ray_cluster, tiny_ch
     the response text holds no control token."""
     import dataclasses
 
-    from hh_ray.conversation import end_of_turn_token_ids, render_prompt
+    from hh_ray.conversation import end_of_turn_token_ids, prompt_token_ids
 
     tok = load_tokenizer(tiny_chat_model)
     end = end_of_turn_token_ids(tok, "chat")
     hh = prompts_of(synthetic_comparisons(12, seed=5))
-    ids = [tok(render_prompt(p, tok, "chat"), add_special_tokens=False)["input_ids"] for p in hh]
+    ids = prompt_token_ids(hh, tok, "chat")
     chat_pool = GenerationPool(tiny_chat_model, dataclasses.replace(gen_cfg, num_workers=1, max_new_tokens=48),
                                MAX_LEN, conversation_format="chat")
     try:

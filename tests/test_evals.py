@@ -311,10 +311,11 @@ def tiny_pm(tiny_model, tmp_path_factory):
     return str(save_model(model, tok, tmp_path_factory.mktemp("pm") / "pm"))
 
 
-def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(ray_cluster, tiny_model, capsys):
+def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(ray_cluster, tiny_model,
+                                                                               tiny_chat_model, tmp_path, capsys):
     import torch
 
-    from hh_ray.models import load_policy
+    from hh_ray.models import load_policy, load_tokenizer
     from hh_ray.orchestration.sampling import PolicySampler
     from hh_ray.weights import weights_for_sync
     from tests.conftest import tiny_config
@@ -332,8 +333,14 @@ def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(r
         model = load_policy(tiny_model)
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(-1.0)
+        model.save_pretrained(tmp_path / "other")
+        load_tokenizer(tiny_model).save_pretrained(tmp_path / "other")
+        assert sampler.fits(str(tmp_path / "other")) and not sampler.fits(tiny_chat_model)
         sampler.load(1, weights_for_sync(model))
-        assert sampler.sample(prompts, 3) != first  # other weights, other samples
+        swapped = sampler.sample(prompts, 3)
+        assert swapped != first  # other weights, other samples
+    with PolicySampler(cfg, str(tmp_path / "other")) as own:  # what `fits` promises: as if started with them
+        assert own.sample(prompts, 3) == swapped
 
 
 def test_eval_commands_then_report(ray_cluster, tiny_model, tiny_pm, tmp_path):

@@ -110,8 +110,9 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     maximum likelihood from the judge's wins, ties dropped as the paper drops them (`elo`), beside the
     fractional wins σ(r_a − r_b) (`elo_soft`) and the paper's rule of thumb ΔElo ≈ 174·ΔPM (`elo_174_pm`)."""
     from hh_ray.elo import ELO_PER_PM_UNIT, fit_elo, judged_wins, soft_wins, win_probability
-    from hh_ray.models import load_scalar_head_model, resolve_model
+    from hh_ray.models import load_policy, load_scalar_head_model, resolve_model
     from hh_ray.sampling import score_samples
+    from hh_ray.weights import weights_for_sync
 
     policies = args.policies or [cfg.model.policy, str(Path(run_dir) / "policy")]
     if len(policies) + (args.best_of > 0) < 2:
@@ -120,9 +121,23 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     pm_dir = _pm_dir(cfg, run_dir, args.pm)
     prompts = eval_prompts(cfg, args.num_prompts)
 
-    def sample(path: str, n: int) -> list[list[str]]:
-        with PolicySampler(cfg, path) as sampler:
-            return sampler.sample(prompts, n)
+    def sample_each(ns: list[int]) -> list[list[list[str]]]:
+        """ns[k] responses per prompt from policy k; policies of one architecture share engines
+        (each one's weights loaded in turn) instead of starting their own."""
+        out, sampler = [], None
+        try:
+            for k, (path, n) in enumerate(zip(paths, ns)):
+                if sampler is not None and sampler.fits(path):
+                    sampler.load(k, weights_for_sync(load_policy(path, cfg.model.dtype)))
+                else:
+                    if sampler is not None:
+                        sampler.close()
+                    sampler = PolicySampler(cfg, path)
+                out.append(sampler.sample(prompts, n))
+        finally:
+            if sampler is not None:
+                sampler.close()
+        return out
 
     @functools.cache
     def judge(pm_path: str):
@@ -133,7 +148,7 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
         return score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len, fmt=pm_format(pm_path))
 
     names = [p if not Path(p).exists() else "/".join(Path(p).resolve().parts[-2:]) for p in policies]
-    responses = [sample(path, max(1, args.best_of) if k == 0 else 1) for k, path in enumerate(paths)]
+    responses = sample_each([max(1, args.best_of)] + [1] * (len(paths) - 1))
     if args.best_of:
         # The first policy's own player is its first sample; best-of-N picks among all N by the PM the
         # policies were trained against, and the judge (--pm) rates the pick.

@@ -42,7 +42,7 @@ from actors.generation import GenerationPool
 from hh_ray.checkpoint import PPO_CHECKPOINTS, latest_checkpoint
 from hh_ray.comparisons import ComparisonStore, LabeledPair
 from hh_ray.config import Config, ConfigError, save_config
-from hh_ray.conversation import model_format, pm_format, render_prompt
+from hh_ray.conversation import model_format, pm_format, prompt_token_ids
 from hh_ray.data import Comparison, write_jsonl
 from hh_ray.elo import fit_elo, win_matrix
 from hh_ray.orchestration.cluster import ensure_ray
@@ -177,8 +177,7 @@ class OnlineRLHF:
         """Responses of snapshot a and of snapshot b to every prompt (two samples when a == b)."""
 
         g = self.cfg.generation
-        ids = self.tokenizer([render_prompt(p, self.tokenizer, self.format) for p in prompts],
-                             add_special_tokens=False)["input_ids"]
+        ids = prompt_token_ids(prompts, self.tokenizer, self.format)
         distinct = list(dict.fromkeys(snapshots))
         with ThreadPoolExecutor(len(distinct)) as ex:  # the engines start side by side
             starts = [ex.submit(GenerationPool, p, g, self.cfg.model.max_seq_len, self.cfg.model.dtype, seed,

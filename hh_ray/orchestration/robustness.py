@@ -45,14 +45,6 @@ def policy_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
     return [(read_state(p)["iteration"], p) for p in complete_checkpoints(Path(ppo_dir) / PPO_CHECKPOINTS)]
 
 
-def checkpoint_policy(policy0: str, checkpoint: Path | None, dtype: str):
-    """pi0, or the policy of a PPO checkpoint (pi0's architecture with the checkpoint's weights)."""
-    model = load_policy(policy0, dtype)
-    if checkpoint is not None:
-        model.load_state_dict(read_model_state(checkpoint, "policy"))
-    return model
-
-
 def train_both_pms(cfg, folder: Path, half_train: list, half_test: list, held_out: list) -> dict[str, str]:
     """The train PM and the test PM, one per half; reused when an earlier (interrupted)
     run of this command finished them in the same folder."""
@@ -71,11 +63,14 @@ def train_both_pms(cfg, folder: Path, half_train: list, half_test: list, held_ou
 def score_checkpoints(cfg, checkpoints: list, pms: dict[str, str], prompts: list[str], samples_per_prompt: int) -> dict:
     """{PM name: mean score of each checkpoint's samples on the held-out prompts}."""
     policy0 = resolve_model(cfg.model.policy, cfg.model.cache_dir)
-    samples = []
+    samples, model = [], None
     with PolicySampler(cfg, policy0) as sampler:  # engines start with π₀
         for k, (it, path) in enumerate(checkpoints):
             if k:  # the same seeds for every checkpoint (PolicySampler): the draw is common
-                sampler.load(k, weights_for_sync(checkpoint_policy(policy0, path, cfg.model.dtype)))
+                if model is None:  # π₀'s architecture, loaded once
+                    model = load_policy(policy0, cfg.model.dtype)
+                model.load_state_dict(read_model_state(path, "policy"))
+                sampler.load(k, weights_for_sync(model))
             samples.append(sampler.sample(prompts, samples_per_prompt))
             print(f"robustness: sampled iteration {it} ({len(prompts)} prompts × {samples_per_prompt})", flush=True)
     rewards = {}

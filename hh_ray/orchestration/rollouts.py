@@ -21,7 +21,7 @@ from actors.generation import GenerationPool
 from actors.pm_service import start_pm_scorer
 from actors.rollout_queue import ChannelRestarted, RolloutQueue
 from hh_ray.config import Config, parse_resources
-from hh_ray.conversation import render_prompt
+from hh_ray.conversation import prompt_token_ids
 from hh_ray.prompt_stream import PromptStream
 from hh_ray.rollout import drop_nonfinite
 from hh_ray.runtime import derive_seed, gpus_for
@@ -101,7 +101,7 @@ class RolloutProducer:
         g = self.cfg.generation
         n = self.cfg.ppo.rollout_batch_size // g.samples_per_prompt  # prompts; each answered samples_per_prompt times
         prompts = self.stream.take(iteration * n, n)
-        ids = self.prompt_ids(prompts)
+        ids = prompt_token_ids(prompts, self.tokenizer, self.format)
         on_phase("generate", iteration)
         t0 = time.time()
         batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
@@ -146,7 +146,7 @@ class RolloutProducer:
         """(mean PM reward, mean response length) of one sample per prompt, the same seeds every time;
         a dead generation worker or PM service is replaced first, as in `produce`."""
         g = self.cfg.generation
-        ids = self.prompt_ids(prompts)
+        ids = prompt_token_ids(prompts, self.tokenizer, self.format)
         for attempt in range(self.cfg.ppo.max_actor_restarts + 1):
             try:
                 batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
@@ -157,11 +157,6 @@ class RolloutProducer:
                 if attempt == self.cfg.ppo.max_actor_restarts:
                     raise
                 self.replace_dead(e, may_fetch=True)
-
-    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """HH prompts as the policy reads them: rendered in its conversation format."""
-        rendered = [render_prompt(p, self.tokenizer, self.format) for p in prompts]
-        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     # ---- faults and weights
 

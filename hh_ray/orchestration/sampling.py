@@ -7,12 +7,34 @@ policies come from the policies, less from the draw). The PM scores them with
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from actors.generation import GenerationPool
 from hh_ray.config import Config
-from hh_ray.conversation import model_format, render_prompt
+from hh_ray.conversation import model_format, prompt_token_ids
 from hh_ray.models import load_tokenizer
+
+
+# Keys of config.json and generation_config.json that name or describe a folder without
+# changing what an engine built from it computes.
+_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def engine_signature(path: str, tokenizer, fmt: str) -> str:
+    """All an engine built for `path` takes from it besides the weights: the model and generation
+    configs (up to names and versions), the tokenizer's vocabulary, special tokens and chat
+    template, and the conversation format. Two folders with one signature can share engines."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = {k: v for k, v in AutoConfig.from_pretrained(path).to_dict().items() if k not in _NOT_ARCHITECTURE}
+    try:
+        gen = {k: v for k, v in GenerationConfig.from_pretrained(path).to_dict().items() if k not in _NOT_ARCHITECTURE}
+    except OSError:  # no generation_config.json
+        gen = {}
+    return json.dumps([config, gen, sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map,
+                       tokenizer.chat_template, fmt], sort_keys=True, default=str)
 
 
 class PolicySampler:
@@ -24,6 +46,7 @@ class PolicySampler:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(policy_path)
         self.format = model_format(policy_path, cfg.model.conversation_format, self.tokenizer)
+        self.signature = engine_signature(policy_path, self.tokenizer, self.format)
         self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed,
                                    conversation_format=self.format)
 
@@ -31,8 +54,7 @@ class PolicySampler:
         """n responses to each HH prompt, [prompts][n]."""
         g = self.cfg.generation
         room = max(1, self.pool.max_model_len - g.max_new_tokens)
-        rendered = [render_prompt(p, self.tokenizer, self.format) for p in prompts]
-        ids = [r[-room:] for r in self.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+        ids = [r[-room:] for r in prompt_token_ids(prompts, self.tokenizer, self.format)]
         t0 = time.perf_counter()
         batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p, seed=self.cfg.seed, n=n)
         dt = time.perf_counter() - t0
@@ -45,8 +67,18 @@ class PolicySampler:
         """Sample from `weights` (hh_ray.weights.weights_for_sync of a model) from now on."""
         self.pool.update_weights(version, weights)
 
+    def fits(self, policy_path: str) -> bool:
+        """True when `policy_path`'s weights can be `load`ed into these engines and sampled as
+        a sampler of its own would (engine_signature)."""
+        tok = load_tokenizer(policy_path)
+        fmt = model_format(policy_path, self.cfg.model.conversation_format, tok)
+        return engine_signature(policy_path, tok, fmt) == self.signature
+
     def __enter__(self) -> PolicySampler:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.pool.shutdown()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
