@@ -316,7 +316,7 @@ def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(r
     import torch
 
     from hh_ray.models import load_policy, load_tokenizer
-    from hh_ray.orchestration.sampling import PolicySampler
+    from hh_ray.orchestration.sampling import PolicySampler, sample_policies
     from hh_ray.weights import weights_for_sync
     from tests.conftest import tiny_config
 
@@ -339,8 +339,13 @@ def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(r
         sampler.load(1, weights_for_sync(model))
         swapped = sampler.sample(prompts, 3)
         assert swapped != first  # other weights, other samples
-    with PolicySampler(cfg, str(tmp_path / "other")) as own:  # what `fits` promises: as if started with them
-        assert own.sample(prompts, 3) == swapped
+    # What `fits` promises: engines started with `other` sample what the swapped ones did, and
+    # tiny's weights loaded into them give tiny's samples back; a folder sampled twice in a row
+    # is sampled again (here with another seed), not reloaded.
+    other = str(tmp_path / "other")
+    own, again, back = sample_policies(cfg, [other, other, tiny_model], prompts, [3, 3, 3],
+                                       seeds=[None, cfg.seed + 7, None])
+    assert own == swapped and back == first and again != own
 
 
 def test_eval_commands_then_report(ray_cluster, tiny_model, tiny_pm, tmp_path):

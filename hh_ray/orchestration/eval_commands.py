@@ -18,7 +18,7 @@ from hh_ray.config import Config
 from hh_ray.data import DataError, first_prompt, load_comparisons, prompts_of
 from hh_ray.conversation import pm_format
 from hh_ray.orchestration.robustness import eval_robustness
-from hh_ray.orchestration.sampling import PolicySampler
+from hh_ray.orchestration.sampling import PolicySampler, sample_policies
 
 
 def _save(run_dir: Path, name: str, results: dict) -> Path:
@@ -110,9 +110,8 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     maximum likelihood from the judge's wins, ties dropped as the paper drops them (`elo`), beside the
     fractional wins σ(r_a − r_b) (`elo_soft`) and the paper's rule of thumb ΔElo ≈ 174·ΔPM (`elo_174_pm`)."""
     from hh_ray.elo import ELO_PER_PM_UNIT, fit_elo, judged_wins, soft_wins, win_probability
-    from hh_ray.models import load_policy, load_scalar_head_model, resolve_model
+    from hh_ray.models import load_scalar_head_model, resolve_model
     from hh_ray.sampling import score_samples
-    from hh_ray.weights import weights_for_sync
 
     policies = args.policies or [cfg.model.policy, str(Path(run_dir) / "policy")]
     if len(policies) + (args.best_of > 0) < 2:
@@ -120,24 +119,6 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
     paths = [resolve_model(p, cfg.model.cache_dir) for p in policies]
     pm_dir = _pm_dir(cfg, run_dir, args.pm)
     prompts = eval_prompts(cfg, args.num_prompts)
-
-    def sample_each(ns: list[int]) -> list[list[list[str]]]:
-        """ns[k] responses per prompt from policy k; policies of one architecture share engines
-        (each one's weights loaded in turn) instead of starting their own."""
-        out, sampler = [], None
-        try:
-            for k, (path, n) in enumerate(zip(paths, ns)):
-                if sampler is not None and sampler.fits(path):
-                    sampler.load(k, weights_for_sync(load_policy(path, cfg.model.dtype)))
-                else:
-                    if sampler is not None:
-                        sampler.close()
-                    sampler = PolicySampler(cfg, path)
-                out.append(sampler.sample(prompts, n))
-        finally:
-            if sampler is not None:
-                sampler.close()
-        return out
 
     @functools.cache
     def judge(pm_path: str):
@@ -148,7 +129,8 @@ def eval_elo(cfg: Config, run_dir: Path, args) -> int:
         return score_samples(pm, pm_tok, prompts, responses, cfg.model.max_seq_len, fmt=pm_format(pm_path))
 
     names = [p if not Path(p).exists() else "/".join(Path(p).resolve().parts[-2:]) for p in policies]
-    responses = sample_each([max(1, args.best_of)] + [1] * (len(paths) - 1))
+    # Policies of one architecture share engines, each one's weights loaded in turn.
+    responses = sample_policies(cfg, paths, prompts, [max(1, args.best_of)] + [1] * (len(paths) - 1))
     if args.best_of:
         # The first policy's own player is its first sample; best-of-N picks among all N by the PM the
         # policies were trained against, and the judge (--pm) rates the pick.

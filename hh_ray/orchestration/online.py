@@ -32,21 +32,20 @@ from __future__ import annotations
 import copy
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 from ray import serve
 
-from actors.generation import GenerationPool
 from hh_ray.checkpoint import PPO_CHECKPOINTS, latest_checkpoint
 from hh_ray.comparisons import ComparisonStore, LabeledPair
 from hh_ray.config import Config, ConfigError, save_config
-from hh_ray.conversation import model_format, pm_format, prompt_token_ids
+from hh_ray.conversation import model_format, pm_format
 from hh_ray.data import Comparison, write_jsonl
 from hh_ray.elo import fit_elo, win_matrix
 from hh_ray.orchestration.cluster import ensure_ray
 from hh_ray.orchestration.controller import train_ppo
+from hh_ray.orchestration.sampling import sample_policies
 from hh_ray.prompt_stream import PromptStream, load_prompts
 from hh_ray.runtime import derive_seed, worker_env
 from learners.pm_learner import train_pm
@@ -175,29 +174,11 @@ class OnlineRLHF:
 
     def _generate(self, snapshots: tuple[str, str], prompts: list[str], seed: int) -> tuple[list[str], list[str]]:
         """Responses of snapshot a and of snapshot b to every prompt (two samples when a == b)."""
-
-        g = self.cfg.generation
-        ids = prompt_token_ids(prompts, self.tokenizer, self.format)
-        distinct = list(dict.fromkeys(snapshots))
-        with ThreadPoolExecutor(len(distinct)) as ex:  # the engines start side by side
-            starts = [ex.submit(GenerationPool, p, g, self.cfg.model.max_seq_len, self.cfg.model.dtype, seed,
-                                conversation_format=self.format) for p in distinct]
-        pools = [f.result() for f in starts if f.exception() is None]
-        if len(pools) < len(starts):  # one engine failed to start: stop the other before raising
-            for p in pools:
-                p.shutdown()
-            raise next(f.exception() for f in starts if f.exception() is not None)
-        try:
-            out = []
-            for k, snap in enumerate(snapshots):
-                pool = pools[distinct.index(snap)]
-                # Distinct seeds per side: two samples of one snapshot must differ.
-                out.append(pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
-                                         seed=derive_seed(seed, "side", k) % 2**31).responses)
-        finally:
-            for p in pools:
-                p.shutdown()
-        return out[0], out[1]
+        # Distinct seeds per side: two samples of one snapshot must differ. One snapshot's
+        # engines at a time (sample_policies): a machine with GPUs for one set is enough.
+        a, b = sample_policies(self.cfg, list(snapshots), prompts, [1, 1],
+                               seeds=[derive_seed(seed, "side", k) % 2**31 for k in range(2)])
+        return [r[0] for r in a], [r[0] for r in b]
 
     def _collect_with_labeler(self, k: int, need: int, have: int) -> None:
         o, n = self.cfg.online, self.cfg.online.comparisons_per_round

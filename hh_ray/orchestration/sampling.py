@@ -50,13 +50,15 @@ class PolicySampler:
         self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed,
                                    conversation_format=self.format)
 
-    def sample(self, prompts: list[str], n: int) -> list[list[str]]:
-        """n responses to each HH prompt, [prompts][n]."""
+    def sample(self, prompts: list[str], n: int, seed: int | None = None) -> list[list[str]]:
+        """n responses to each HH prompt, [prompts][n]; prompt i seeded with `seed` + i
+        (default: the run's seed)."""
         g = self.cfg.generation
+        seed = self.cfg.seed if seed is None else seed
         room = max(1, self.pool.max_model_len - g.max_new_tokens)
         ids = [r[-room:] for r in prompt_token_ids(prompts, self.tokenizer, self.format)]
         t0 = time.perf_counter()
-        batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p, seed=self.cfg.seed, n=n)
+        batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p, seed=seed, n=n)
         dt = time.perf_counter() - t0
         tokens = int(batch.response_lengths.sum())
         print(f"sampled {len(prompts)} prompts x {n} in {dt:.1f} s ({tokens} tokens, {tokens / max(dt, 1e-9):.0f} "
@@ -82,3 +84,30 @@ class PolicySampler:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sample_policies(cfg: Config, policy_paths: list[str], prompts: list[str], ns: list[int],
+                    seeds: list[int | None] | None = None) -> list[list[list[str]]]:
+    """ns[k] responses to each prompt from policy k, [policies][prompts][n], drawn in turn: one
+    set of engines at a time, so no more GPUs or memory than one policy's. Policies of one
+    architecture (PolicySampler.fits) share the engines, each one's weights loaded in turn; the
+    same folder twice in a row is sampled again without reloading. seeds[k]: policy k's seed
+    (PolicySampler.sample)."""
+    from hh_ray.models import load_policy
+    from hh_ray.weights import weights_for_sync
+
+    out, sampler, current = [], None, None
+    try:
+        for k, (path, n) in enumerate(zip(policy_paths, ns)):
+            if sampler is not None and path != current and sampler.fits(path):
+                sampler.load(k, weights_for_sync(load_policy(path, cfg.model.dtype)))
+            elif path != current:
+                if sampler is not None:
+                    sampler.close()
+                sampler = PolicySampler(cfg, path)
+            current = path
+            out.append(sampler.sample(prompts, n, None if seeds is None else seeds[k]))
+    finally:
+        if sampler is not None:
+            sampler.close()
+    return out
