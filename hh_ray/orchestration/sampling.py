@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from actors.generation import GenerationPool
 from hh_ray.config import Config
@@ -99,13 +98,15 @@ def sample_policies(cfg: Config, policy_paths: list[str], prompts: list[str], ns
     out, sampler, current = [], None, None
     try:
         for k, (path, n) in enumerate(zip(policy_paths, ns)):
-            if sampler is not None and path != current and sampler.fits(path):
-                sampler.load(k, weights_for_sync(load_policy(path, cfg.model.dtype)))
-            elif path != current:
-                if sampler is not None:
-                    sampler.close()
-                sampler = PolicySampler(cfg, path)
-            current = path
+            if path != current:
+                if sampler is not None and sampler.fits(path):
+                    sampler.load(k, weights_for_sync(load_policy(path, cfg.model.dtype)))
+                else:
+                    if sampler is not None:
+                        sampler.close()
+                        sampler = None  # not closed twice should the next one fail to start
+                    sampler = PolicySampler(cfg, path)
+                current = path
             out.append(sampler.sample(prompts, n, None if seeds is None else seeds[k]))
     finally:
         if sampler is not None:
