@@ -7,6 +7,7 @@ policies come from the policies, less from the draw). The PM scores them with
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -45,7 +46,7 @@ class PolicySampler:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(policy_path)
         self.format = model_format(policy_path, cfg.model.conversation_format, self.tokenizer)
-        self.signature = engine_signature(policy_path, self.tokenizer, self.format)
+        self.path = policy_path
         self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed,
                                    conversation_format=self.format)
 
@@ -73,7 +74,11 @@ class PolicySampler:
         a sampler of its own would (engine_signature)."""
         tok = load_tokenizer(policy_path)
         fmt = model_format(policy_path, self.cfg.model.conversation_format, tok)
-        return engine_signature(policy_path, tok, fmt) == self.signature
+        return engine_signature(policy_path, tok, fmt) == self._signature
+
+    @functools.cached_property
+    def _signature(self) -> str:  # read only when `fits` is asked (eval elo, online rounds)
+        return engine_signature(self.path, self.tokenizer, self.format)
 
     def __enter__(self) -> PolicySampler:
         return self
