@@ -47,6 +47,12 @@ class StaleWeightsError(RuntimeError):
     """Sync mode: a worker asked to generate with a version other than the expected one."""
 
 
+class IncompleteWeightsError(StaleWeightsError):
+    """The worker's last weight broadcast was cut off half-way (its sender or another member
+    died): vLLM's layer-wise reload has left the layers it did not receive unloaded, so a
+    forward pass would fail mid-step. The next complete sync mends it."""
+
+
 def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """(every name a learner's `state_dict()` holds -> shape, the names that must be present).
 
@@ -154,6 +160,9 @@ class GenerationWorker:
         """
         from actors.vllm_engine import sampling_params
 
+        if self._version < 0:
+            raise IncompleteWeightsError("this worker's last weight broadcast was cut off half-way, so some layers "
+                                         "hold no weights; it generates again after the next complete weight sync")
         if expected_version is not None and self._version != expected_version:
             raise StaleWeightsError(f"worker holds policy version {self._version}, expected {expected_version}: "
                                     "it missed a weight update; refusing to generate with stale weights (sync mode)")
@@ -174,7 +183,11 @@ class GenerationWorker:
         stops = self.stop["stop"] + list(stop or [])
         params = [sampling_params(seed=s, **kw, n=n, stop=stops, stop_token_ids=self.stop["stop_token_ids"])
                   for s in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        except BaseException:
+            self._abort_unfinished()
+            raise
         response_ids, logprobs, texts, reasons = [], [], [], []
         for c in (c for out in outs for c in sorted(out.outputs, key=lambda c: c.index)):
             ids = list(c.token_ids)
@@ -191,6 +204,13 @@ class GenerationWorker:
         each = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
         return RolloutBatch.from_samples(each(prompt_ids), response_ids, logprobs, [self._version] * len(response_ids),
                                          each(prompts), texts, reasons, self.pad_id)
+
+    def _abort_unfinished(self) -> None:
+        """A generate that failed mid-step leaves its requests in the engine, holding KV blocks:
+        the next generate would run them too and wait for them forever. They are aborted, as vLLM
+        aborts the requests of a batch it could not add."""
+        engine = self.llm.llm_engine
+        engine.abort_request(list(engine.output_processor.request_states), internal=True)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -234,8 +254,8 @@ class GenerationWorker:
 
     def receive_weights(self, version: int, update: dict) -> int:
         """Receive one broadcast of the weights (as learner rank 0 sends it) and hold `version`.
-        A broadcast cut off half-way leaves some layers new: the worker then holds no valid
-        version (-1; sync mode refuses to generate) until the next complete update."""
+        A broadcast cut off half-way leaves the layers not yet received unloaded: the worker then
+        holds no valid version (-1) and refuses to generate until the next complete update."""
         try:
             self.llm.collective_rpc("start_weight_update")
             self._version = -1

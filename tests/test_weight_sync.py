@@ -123,6 +123,51 @@ def test_broadcast_reaches_every_engine_and_a_revived_one_rejoins(broadcast_pool
     assert _max_logprob_error(pool, newest, ids, 3) < 1e-3
 
 
+def test_a_broadcast_cut_off_half_way_holds_generation_until_a_complete_one(broadcast_pool, tiny_model):
+    """The sender stops after the first bucket (as when a member dies mid-broadcast): every engine
+    is left half-loaded and reports version -1, and `generate` refuses. An engine step that fails
+    anyway leaves no request in the engine (one left there hung the next `generate` for good),
+    and the next complete broadcast brings the engines back."""
+    import gc
+
+    from actors.generation import IncompleteWeightsError
+    from hh_ray.weights import _start_broadcast
+    from learners.weight_sync import WeightBroadcaster
+
+    pool = broadcast_pool
+    ids = [[1, 5, 9, 13], [2, 7, 11], [3, 4, 5, 6, 7]]
+    sender = WeightBroadcaster(torch.device("cpu"), bucket_bytes=256 << 10)
+    new = _perturbed(tiny_model, 4)
+    state = new.state_dict()
+    specs, aliases = tensor_specs(state)
+    sender.connect(pool.workers)
+    update = {"specs": specs, "aliases": aliases, "bucket_bytes": sender.bucket_bytes}
+    receiving = [w.receive_weights.remote(10, update) for w in pool.workers]
+    first = plan_buckets(specs, sender.bucket_bytes)[0]
+    _start_broadcast(sender.group, pack_bucket([state[specs[i][0]] for i in first])).wait()
+    sender.close()
+    gc.collect()  # the group's sockets close: the receivers' next bucket fails
+    for ref in receiving:
+        with pytest.raises(ray.exceptions.RayTaskError, match="by peer"):  # closed, or reset
+            ray.get(ref, timeout=120)
+    assert pool.versions() == [-1, -1]
+    with pytest.raises(IncompleteWeightsError, match="cut off half-way"):
+        pool.generate(ids, seed=3)
+
+    worker = pool.workers[0]
+    ray.get(worker.__ray_call__.remote(lambda w: setattr(w, "_version", 9)))  # past the refusal
+    with pytest.raises(ray.exceptions.RayTaskError):  # the unloaded layers fail the forward pass
+        ray.get(worker.generate.remote(ids, seed=3), timeout=120)
+    unfinished = lambda w: w.llm.llm_engine.get_num_unfinished_requests()  # noqa: E731
+    assert ray.get(worker.__ray_call__.remote(unfinished)) == 0
+
+    out = sender.send(state, 11, pool.workers)
+    assert out["versions"] == [11, 11]
+    done = [w.generate.remote(ids, seed=3, expected_version=11) for w in pool.workers]
+    assert all(len(b) == len(ids) for b in ray.get(done, timeout=120))  # a left request: no answer
+    assert _max_logprob_error(pool, new, ids, 11) < 1e-3
+
+
 def test_a_broadcast_command_leaves_the_channel_actor_without_torch(broadcast_pool):
     """The learners' commands travel through the channel actor (a Ray worker with nothing but
     Ray loaded); the broadcast command's generation-worker handles must not make that process

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import ray
 import torch
 
-from actors.generation import GenerationPool
+from actors.generation import GenerationPool, IncompleteWeightsError
 from actors.pm_service import start_pm_scorer
 from actors.rollout_queue import ChannelRestarted, RolloutQueue
 from hh_ray.config import Config, parse_resources
@@ -245,17 +245,17 @@ class Prefetch:
 
     def take(self, iteration: int) -> dict:
         """Batch `iteration` in the queue: the one made meanwhile, or made now. If an actor died
-        while it was made, it is produced again now (actors replaced, weights synced since:
-        staleness 0)."""
+        while it was made, or a generator was left without complete weights by a weight sync cut
+        off meanwhile (the sync was redone since), it is produced again now (staleness 0)."""
         pending, self.pending = self.pending, None
         if pending is None or pending[0] != iteration:
             self.discard(pending)
             return self.producer.produce(iteration, self.on_phase)
         try:
             return pending[1].result()
-        except ray.exceptions.RayActorError as e:
-            print(f"actor failure while the learners trained ({type(e).__name__}): producing batch "
-                  f"{iteration} again with policy version {self.producer.weights[0]}", flush=True)
+        except (ray.exceptions.RayActorError, IncompleteWeightsError) as e:
+            print(f"batch {iteration} failed while the learners trained ({type(e).__name__}): producing it "
+                  f"again with policy version {self.producer.weights[0]}", flush=True)
             return self.producer.produce(iteration, self.on_phase)
 
     def start(self, iteration: int, last: int) -> None:
