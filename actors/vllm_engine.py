@@ -79,7 +79,25 @@ def make_llm(model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
     # object vLLM's and torch's imports just made (~0.25 s a pass). They live as long as the
     # process, so they are moved out of the collector's sight first.
     gc.freeze()
+    if not on_gpu():
+        rank_sampled_tokens_eagerly()
     return LLM(**{**engine_kwargs(model_path, gen_cfg, max_model_len, dtype, seed, runner), **overrides})
+
+
+def count_at_least(x, values):
+    """Per row of `x`, how many entries are >= that row's value: the rank vLLM gives a sampled
+    token among its logprobs (its `batched_count_greater_than`, computed the same way)."""
+    return (x >= values).sum(-1)
+
+
+def rank_sampled_tokens_eagerly() -> None:
+    """vLLM computes each sampled token's rank with a function torch inductor compiles on its
+    first call: on CPU a C++ build that every engine's first `generate` waits for (seconds).
+    Run eagerly it allocates one bool per logit of the step's rows, which is small beside the
+    logits themselves; on a GPU the compiled kernel is kept (large batches, cheap compile)."""
+    import vllm.v1.sample.sampler as sampler
+
+    sampler.batched_count_greater_than = count_at_least
 
 
 def make_replica_llm(model_path: str, cpus: float, kv_cache_gib: float, max_model_len: int | None, seed: int):

@@ -237,6 +237,19 @@ def test_cpu_engine_settings():
     assert kw["logprobs_mode"] == "processed_logprobs"
 
 
+def test_cpu_engines_rank_sampled_tokens_eagerly(pool):
+    """vLLM's rank of a sampled token among the logprobs, compiled by torch inductor on first use
+    (a C++ build in every engine's first generate on CPU), is counted eagerly instead."""
+    from actors.vllm_engine import count_at_least, on_gpu
+
+    if on_gpu():
+        pytest.skip("this machine has a GPU: vLLM's compiled kernel is kept")
+    x = torch.tensor([[0.1, 0.5, 0.3, 0.3], [-1.0, -2.0, -3.0, -0.5]])
+    assert count_at_least(x, torch.tensor([[0.3], [-1.0]])).tolist() == [3, 2]
+    held = lambda w: __import__("vllm.v1.sample.sampler", fromlist=["_"]).batched_count_greater_than  # noqa: E731
+    assert ray.get(pool.workers[0].__ray_call__.remote(held)) is count_at_least
+
+
 def test_weights_for_sync_are_zero_copy_arrays(ray_cluster, tiny_model):
     """Published weights are numpy arrays (one memcpy into the object store, none out of it),
     a tied alias is one array (stored once), and they come back as the same tensors."""
