@@ -53,13 +53,15 @@ class IncompleteWeightsError(StaleWeightsError):
     forward pass would fail mid-step. The next complete sync mends it."""
 
 
-def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """(every name a learner's `state_dict()` holds -> shape, the names that must be present).
+def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[str], dict[str, str]]:
+    """(every name a learner's `state_dict()` holds -> shape, the names that must be present,
+    tied alias -> the name it is tied to).
 
     Built from the HF config on the meta device, so it costs no memory and
     matches what the learner sends. Tied weights (e.g. `lm_head.weight` tied to
     the embeddings) appear once in `named_parameters` and twice in
-    `state_dict`: the alias may be sent or left out.
+    `state_dict`: the alias may be sent or left out (a model folder's file
+    leaves it out).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -67,9 +69,11 @@ def expected_weights(model_path: str) -> tuple[dict[str, tuple[int, ...]], set[s
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    required = {k for k, _ in model.named_parameters()}
-    required |= {k for k, _ in model.named_buffers() if k in shapes}  # persistent buffers only
-    return shapes, required
+    params = dict(model.named_parameters())
+    required = set(params) | {k for k, _ in model.named_buffers() if k in shapes}  # persistent buffers only
+    owner = {id(p): k for k, p in params.items()}
+    tied = {k: owner[id(v)] for k, v in model.state_dict(keep_vars=True).items() if k not in params and id(v) in owner}
+    return shapes, required, tied
 
 
 def check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
@@ -134,7 +138,7 @@ class GenerationWorker:
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.tokenizer = self.llm.get_tokenizer()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.shapes, self.required = expected_weights(model_path)
+        self.shapes, self.required, self.tied = expected_weights(model_path)
         self._version = 0
         # The assistant's turn ends at the format's end-of-turn token (kept: the policy learns
         # to end its turn) or where the next human turn would start (cut: not the policy's text).
@@ -229,11 +233,24 @@ class GenerationWorker:
         item = weights_ref[0]
         weights = as_tensors(ray.get(item) if isinstance(item, ray.ObjectRef) else item)
         check_weights(weights, self.shapes, self.required)
+        # vLLM's layer-wise reload keeps a tied output layer stale unless its alias comes too.
+        weights = {**weights, **{alias: weights[name] for alias, name in self.tied.items() if alias not in weights}}
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
         # Prefix-cached KV blocks were computed by the old weights.
         self.llm.reset_prefix_cache()
         self._version = int(version)
         return self._version
+
+    def load_files(self, version: int, files: list[str]) -> int:
+        """`update_weights` from safetensors files read here, on this worker's node (a policy
+        folder's weights, a checkpoint's policy file): none of it passes through the driver or
+        the object store. Checked as `update_weights` checks."""
+        from safetensors.torch import load_file
+
+        weights = {}
+        for f in files:
+            weights.update(load_file(f))
+        return self.update_weights(version, [weights])
 
     # ------------------------------------------------------------ weight sync: broadcast
 
@@ -416,6 +433,10 @@ class GenerationPool:
         got = get_all([w.update_weights.remote(version, [weights_ref]) for w in self.workers])
         self.check_versions(version, got)
         return time.perf_counter() - t0
+
+    def load_files(self, version: int, files: list[str]) -> None:
+        """Every worker loads `version` from safetensors files read on its own node."""
+        self.check_versions(version, get_all([w.load_files.remote(version, files) for w in self.workers]))
 
     def revive(self, version: int, weights_ref) -> int:
         """Replace workers that died (ray.kill, SIGKILL, OOM, a lost node) with fresh

@@ -161,11 +161,11 @@ def read_state(folder: Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
-def read_model_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    """One model's state dict from a checkpoint (e.g. a PPO checkpoint's policy, to sample it),
-    its file checked against the manifest first."""
+def model_file(folder: Path, name: str) -> Path:
+    """The file of one model's state dict in a checkpoint (e.g. a PPO checkpoint's policy, for
+    generation workers to load and sample), checked against the manifest first."""
     verify_checkpoint(folder, [f"{name}{MODEL_SUFFIX}"])
-    return load_file(str(Path(folder) / f"{name}{MODEL_SUFFIX}"))
+    return Path(folder) / f"{name}{MODEL_SUFFIX}"
 
 
 def verify_checkpoint(folder: Path, names: list[str] | None = None) -> dict:

@@ -313,11 +313,12 @@ def tiny_pm(tiny_model, tmp_path_factory):
 
 def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(ray_cluster, tiny_model,
                                                                                tiny_chat_model, tmp_path, capsys):
+    import shutil
+
     import torch
 
     from hh_ray.models import load_policy, load_tokenizer
-    from hh_ray.orchestration.sampling import PolicySampler, sample_policies
-    from hh_ray.weights import weights_for_sync
+    from hh_ray.orchestration.sampling import PolicySampler, sample_policies, weight_files
     from tests.conftest import tiny_config
 
     cfg = tiny_config(**{"model.policy": tiny_model, "generation.max_new_tokens": 8})
@@ -336,7 +337,11 @@ def test_policy_sampler_draws_n_per_prompt_with_common_seeds_and_swaps_weights(r
         model.save_pretrained(tmp_path / "other")
         load_tokenizer(tiny_model).save_pretrained(tmp_path / "other")
         assert sampler.fits(str(tmp_path / "other")) and not sampler.fits(tiny_chat_model)
-        sampler.load(1, weights_for_sync(model))
+        shutil.copytree(tmp_path / "other", tmp_path / "bare")
+        for f in (tmp_path / "bare").glob("*.safetensors"):
+            f.unlink()
+        assert not sampler.fits(str(tmp_path / "bare"))  # its weights in no safetensors file
+        sampler.load(1, weight_files(str(tmp_path / "other")))  # read by each worker, not the driver
         swapped = sampler.sample(prompts, 3)
         assert swapped != first  # other weights, other samples
     # What `fits` promises: engines started with `other` sample what the swapped ones did, and

@@ -8,18 +8,17 @@ import copy
 import json
 from pathlib import Path
 
-from hh_ray.checkpoint import PPO_CHECKPOINTS, complete_checkpoints, read_model_state, read_state
+from hh_ray.checkpoint import PPO_CHECKPOINTS, complete_checkpoints, model_file, read_state
 from hh_ray.config import set_value
 from hh_ray.conversation import pm_format
 from hh_ray.data import write_jsonl
-from hh_ray.models import is_scalar_head_model, load_policy, load_scalar_head_model, resolve_model
+from hh_ray.models import is_scalar_head_model, load_scalar_head_model, resolve_model
 from hh_ray.orchestration.controller import train_ppo
 from hh_ray.orchestration.sampling import PolicySampler
 from hh_ray.pm_eval import pm_comparisons
 from hh_ray.robustness import RULE, checkpoint_kl, divergence_point, plot_robustness, robustness_table, split_comparisons
 from hh_ray.sampling import score_samples
 from hh_ray.tracking import read_metrics
-from hh_ray.weights import weights_for_sync
 from learners.pm_learner import train_pm
 
 
@@ -63,14 +62,11 @@ def train_both_pms(cfg, folder: Path, half_train: list, half_test: list, held_ou
 def score_checkpoints(cfg, checkpoints: list, pms: dict[str, str], prompts: list[str], samples_per_prompt: int) -> dict:
     """{PM name: mean score of each checkpoint's samples on the held-out prompts}."""
     policy0 = resolve_model(cfg.model.policy, cfg.model.cache_dir)
-    samples, model = [], None
+    samples = []
     with PolicySampler(cfg, policy0) as sampler:  # engines start with π₀
         for k, (it, path) in enumerate(checkpoints):
             if k:  # the same seeds for every checkpoint (PolicySampler): the draw is common
-                if model is None:  # π₀'s architecture, loaded once
-                    model = load_policy(policy0, cfg.model.dtype)
-                model.load_state_dict(read_model_state(path, "policy"))
-                sampler.load(k, weights_for_sync(model))
+                sampler.load(k, [str(model_file(path, "policy"))])
             samples.append(sampler.sample(prompts, samples_per_prompt))
             print(f"robustness: sampled iteration {it} ({len(prompts)} prompts × {samples_per_prompt})", flush=True)
     rewards = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from pathlib import Path
 
 from actors.generation import GenerationPool
 from hh_ray.config import Config
@@ -20,6 +21,11 @@ from hh_ray.models import load_tokenizer
 # Keys of config.json and generation_config.json that name or describe a folder without
 # changing what an engine built from it computes.
 _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of an HF model folder (one, or the shards of a large model)."""
+    return [str(f) for f in sorted(Path(path).glob("*.safetensors"))]
 
 
 def engine_signature(path: str, tokenizer, fmt: str) -> str:
@@ -39,8 +45,8 @@ def engine_signature(path: str, tokenizer, fmt: str) -> str:
 
 class PolicySampler:
     """`cfg.generation.num_workers` vLLM engines holding `policy_path`; `load` swaps in other
-    weights of the same architecture (a PPO checkpoint's). Use it as a context manager: the
-    engines are killed on leaving."""
+    weights of the same architecture (another policy folder's, a PPO checkpoint's). Use it as a
+    context manager: the engines are killed on leaving."""
 
     def __init__(self, cfg: Config, policy_path: str):
         self.cfg = cfg
@@ -65,13 +71,16 @@ class PolicySampler:
               f"tokens/s, {len(self.pool.workers)} generation worker(s))", flush=True)
         return [batch.responses[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def load(self, version: int, weights: dict) -> None:
-        """Sample from `weights` (hh_ray.weights.weights_for_sync of a model) from now on."""
-        self.pool.update_weights(version, weights)
+    def load(self, version: int, files: list[str]) -> None:
+        """Sample from the state dict in these safetensors `files` from now on. Each generation
+        worker reads them on its own node: a large policy never passes through the driver."""
+        self.pool.load_files(version, files)
 
     def fits(self, policy_path: str) -> bool:
         """True when `policy_path`'s weights can be `load`ed into these engines and sampled as
-        a sampler of its own would (engine_signature)."""
+        a sampler of its own would (engine_signature; its weights in safetensors files)."""
+        if not weight_files(policy_path):
+            return False
         tok = load_tokenizer(policy_path)
         fmt = model_format(policy_path, self.cfg.model.conversation_format, tok)
         return engine_signature(policy_path, tok, fmt) == self._signature
@@ -97,15 +106,12 @@ def sample_policies(cfg: Config, policy_paths: list[str], prompts: list[str], ns
     architecture (PolicySampler.fits) share the engines, each one's weights loaded in turn; the
     same folder twice in a row is sampled again without reloading. seeds[k]: policy k's seed
     (PolicySampler.sample)."""
-    from hh_ray.models import load_policy
-    from hh_ray.weights import weights_for_sync
-
     out, sampler, current = [], None, None
     try:
         for k, (path, n) in enumerate(zip(policy_paths, ns)):
             if path != current:
                 if sampler is not None and sampler.fits(path):
-                    sampler.load(k, weights_for_sync(load_policy(path, cfg.model.dtype)))
+                    sampler.load(k, weight_files(path))
                 else:
                     if sampler is not None:
                         sampler.close()
