@@ -94,7 +94,7 @@ def rank_sampled_tokens_eagerly() -> None:
     """vLLM computes each sampled token's rank with a function torch inductor compiles on its
     first call: on CPU a C++ build that every engine's first `generate` waits for (seconds).
     Run eagerly it allocates one bool per logit of the step's rows, which is small beside the
-    logits themselves; on a GPU the compiled kernel is kept (large batches, cheap compile)."""
+    logits themselves. On a GPU the compiled kernel is kept: its batches are large."""
     import vllm.v1.sample.sampler as sampler
 
     sampler.batched_count_greater_than = count_at_least
