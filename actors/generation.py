@@ -336,7 +336,9 @@ class GenerationPool:
 
     def __init__(self, model_path: str, gen_cfg: GenerationConfig, max_model_len: int,
                  dtype: str = "float32", seed: int = 0, chunks_per_worker: int = 4,
-                 conversation_format: str = "hh"):
+                 conversation_format: str = "hh", wait: bool = True):
+        """`wait=False`: return once the workers are asked for, so that other actors start while
+        the engines do; `wait_ready()` before the pool is used."""
         if gen_cfg.num_workers < 1:
             raise ValueError(f"generation.num_workers must be >= 1, got {gen_cfg.num_workers}")
         self.gen_cfg = gen_cfg
@@ -345,7 +347,13 @@ class GenerationPool:
         self._seed, self.conversation_format = seed, conversation_format
         # Different engine seeds: unseeded requests must not repeat across workers.
         self.workers = [self._start_worker(k) for k in range(gen_cfg.num_workers)]
-        infos = ray.get([w.info.remote() for w in self.workers])  # waits until every engine is up
+        self._starting = [w.info.remote() for w in self.workers]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every engine is up (a worker that failed to start raises here)."""
+        infos = get_all(self._starting)
         self.pad_id = infos[0]["pad_id"]
         self.max_model_len = infos[0]["max_model_len"]
         self.vocab_size = infos[0]["vocab_size"]

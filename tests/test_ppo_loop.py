@@ -3,6 +3,7 @@ the PM service and a Ray Train PPO learner group, with the tiny model."""
 
 import json
 import math
+import time
 
 import pytest
 
@@ -194,6 +195,26 @@ def test_bad_config_fails_before_any_actor(tiny_pm, tmp_path, overrides, msg):
     with pytest.raises((ConfigError, ValueError), match=msg):  # when the config is read, or as the run starts
         RLHFController(tiny_config(**{"model.pm": tiny_pm, **overrides}), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_an_engine_that_cannot_start_stops_the_actors_started_beside_it(tiny_pm, tmp_path):
+    """The engines, the PM service and the learners start together; an engine that fails (a
+    max_seq_len beyond the model's positions) fails the run's start, and the PM service, the
+    learner group and the channel actor that started meanwhile are stopped with it, not left
+    running in the cluster."""
+    import ray
+
+    def alive() -> dict[str, str]:
+        return {k: a["ActorClassName"] for k, a in ray._private.state.actors().items() if a["State"] == "ALIVE"}
+
+    before = alive()
+    with pytest.raises(ray.exceptions.RayActorError, match="max_model_len"):
+        RLHFController(tiny_config(**{"model.pm": tiny_pm, "model.max_seq_len": 4096}), tmp_path)
+    deadline = time.time() + 60
+    while alive().keys() - before.keys() and time.time() < deadline:  # ray.kill returns before the actor is gone
+        time.sleep(0.5)
+    left = sorted(name for k, name in alive().items() if k not in before)
+    assert not left, left
 
 
 def test_pm_with_another_tokenizer_is_refused_for_critic_init(tiny_pm, tmp_path, cache_dir):

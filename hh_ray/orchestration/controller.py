@@ -144,11 +144,17 @@ class RLHFController:
                                         cfg.model.conversation_format, pm_autocast)
         self.prefetch = Prefetch(self.rollouts, cfg.ppo.mode == "async", self._phase)
         critic = self.pm_path if cfg.ppo.critic_init == "pm" else self.policy_path
-        self.learners = PPOLearnerGroup(cfg, LearnerPaths(self.policy_path, critic, str(ckpt) if ckpt else None),
-                                        self.run_dir, self.queue)
-        self.rollouts.fetch_weights = self.learners.publish
-        if ckpt:  # generators start from the initial policy; bring them to the checkpoint's version
-            self.rollouts.sync_weights(self.state["policy_version"], self.learners.publish()[0])
+        self.learners = None
+        try:  # the learners start while the engines do
+            self.learners = PPOLearnerGroup(cfg, LearnerPaths(self.policy_path, critic, str(ckpt) if ckpt else None),
+                                            self.run_dir, self.queue)
+            self.rollouts.wait_ready()
+            self.rollouts.fetch_weights = self.learners.publish
+            if ckpt:  # generators start from the initial policy; bring them to the checkpoint's version
+                self.rollouts.sync_weights(self.state["policy_version"], self.learners.publish()[0])
+        except BaseException:  # what started is stopped here, not left running until the driver ends
+            self.shutdown()
+            raise
         print(f"actors ready in {time.time() - t0:.1f}s: {cfg.generation.num_workers} generation worker(s), "
               f"PM service, {cfg.ppo.num_learners} learner(s); weight sync: {cfg.generation.weight_sync}", flush=True)
         self.log_placement()
@@ -283,9 +289,11 @@ class RLHFController:
     def shutdown(self) -> None:
         # The actors first: a batch still being made (async mode) then fails at once instead of
         # holding up the prefetch's shutdown (Ctrl-C has 10 s).
-        for closer in (self.rollouts.shutdown, self.prefetch.shutdown, self.learners.shutdown, self.queue.shutdown):
+        for part in (self.rollouts, self.prefetch, self.learners, self.queue):
+            if part is None:  # the learner group failed to start
+                continue
             try:
-                closer()
+                part.shutdown()
             except Exception as e:  # a failed clean-up must not hide the run's own error
                 print(f"clean-up: {e!r}")
         self.tracker.close()

@@ -53,8 +53,9 @@ class RolloutProducer:
         self.cfg, self.pm_path, self.tokenizer, self.stream = cfg, pm_path, tokenizer, stream
         self.pm_autocast = pm_autocast
         self.queue, self.restarts, self.format = queue, restarts, conversation_format
+        # The engines start while the PM service and the learners do; `wait_ready` before use.
         self.pool = GenerationPool(policy_path, cfg.generation, cfg.model.max_seq_len, cfg.model.dtype, cfg.seed,
-                                   conversation_format=conversation_format)
+                                   conversation_format=conversation_format, wait=False)
         self.scorer = self._start_scorer()
         # The version the generators hold and its weights, so a revived generator can load
         # them (version 0: a fresh generator's own; None: not held, see drop_weights; a
@@ -67,6 +68,9 @@ class RolloutProducer:
         # iteration -> (its batch's ref, start id of the queue actor that holds it), until taken:
         # a batch whose queue entry a restarted queue actor lost is taken from here.
         self.queued: dict[int, tuple[ray.ObjectRef, str]] = {}
+
+    def wait_ready(self) -> None:
+        self.pool.wait_ready()
 
     def _start_scorer(self):
         c = self.cfg
