@@ -22,6 +22,7 @@ Two weight syncs, and every worker takes both:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -308,6 +309,14 @@ def start_generation_worker(model_path: str, gen_cfg: GenerationConfig, max_mode
     return GenerationWorker.options(**opts).remote(model_path, gen_cfg, max_model_len, dtype, seed, conversation_format)
 
 
+def stop_hung(actor, name: str, work: str, limit: float) -> None:
+    """Kill an actor that gave no result for `work` within `limit` seconds (generation.timeout_s):
+    the result it owes then fails with RayActorError, which the callers take as its death."""
+    print(f"{name} gave no result for its {work} in {limit:.0f} s (generation.timeout_s): stopping it as hung",
+          flush=True)
+    ray.kill(actor, no_restart=True)
+
+
 def get_all(refs: list) -> list:
     """`ray.get` every ref even when one fails, then raise the first error:
     a plain `ray.get(list)` stops at the first and Ray logs the rest as unhandled."""
@@ -391,34 +400,40 @@ class GenerationPool:
         max_new = max_new_tokens or self.gen_cfg.max_new_tokens
         pending = list(reversed(self._chunks(prompt_ids, max_new)))  # pop() takes the longest first
 
+        limit = self.gen_cfg.timeout_s
+        in_flight = {}  # ref -> (its prompts, its worker, when it is taken for hung)
+        number = {id(w): k for k, w in enumerate(self.workers)}  # for messages
+
         def submit(worker):
             idx = pending.pop()
             ref = worker.generate.remote(
                 [prompt_ids[i] for i in idx], None if prompts is None else [prompts[i] for i in idx],
                 max_new, temperature, top_p, None if seed is None else [seed + i for i in idx],
                 expected_version, stop, n)
-            return ref, idx, worker
+            in_flight[ref] = (idx, worker, time.monotonic() + limit if limit else math.inf)
 
-        in_flight = {}
-        for w in self.workers:
-            if pending:
-                ref, idx, _ = submit(w)
-                in_flight[ref] = (idx, w)
-        parts = []
+        for w in self.workers[:len(pending)]:
+            submit(w)
+        parts, error = [], None
         while in_flight:
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
-            idx, w = in_flight.pop(done)
+            first = min(d for _, _, d in in_flight.values())
+            ready, _ = ray.wait(list(in_flight), num_returns=1,
+                                timeout=None if first == math.inf else max(0.0, first - time.monotonic()))
+            if not ready:  # a worker past its deadline: stopped, so that its result fails as a dead actor's
+                for ref, (idx, w, d) in in_flight.items():
+                    if d <= time.monotonic():
+                        stop_hung(w, f"generation worker {number[id(w)]}", f"{len(idx)} prompt(s)", limit)
+                        in_flight[ref] = (idx, w, math.inf)
+                continue
+            idx, w, _ = in_flight.pop(ready[0])
             try:
-                parts.append((idx, ray.get(done)))
-            except Exception:
-                try:  # let the other workers finish (and their errors be seen) before raising this one
-                    get_all(list(in_flight))
-                except Exception:  # noqa: BLE001
-                    pass
-                raise
-            if pending:
-                ref, nidx, _ = submit(w)
-                in_flight[ref] = (nidx, w)
+                parts.append((idx, ray.get(ready[0])))
+            except Exception as e:  # noqa: BLE001 - raised once the others finished (their errors seen)
+                error = error or e
+            if pending and error is None:
+                submit(w)
+        if error is not None:
+            raise error
         batch = RolloutBatch.concat([b for _, b in parts], self.pad_id)
         position = [(i, j) for idx, _ in parts for i in idx for j in range(n)]
         return batch.select(sorted(range(len(position)), key=position.__getitem__))

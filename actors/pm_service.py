@@ -18,6 +18,7 @@ the next one collects).
 from __future__ import annotations
 
 import asyncio
+import os
 
 import ray
 import torch
@@ -80,8 +81,8 @@ class PMScorer:
             s += n
 
     def placement(self) -> dict:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids(), "device": self.device,
-                "autocast": self.autocast, "autocast_why": self.autocast_why,
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "gpus": ray.get_gpu_ids(),
+                "device": self.device, "autocast": self.autocast, "autocast_why": self.autocast_why,
                 "linear_weights": str(next(m.weight.dtype for m in self.model.modules()
                                            if isinstance(m, torch.nn.Linear))).removeprefix("torch.")}
 

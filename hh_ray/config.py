@@ -95,6 +95,7 @@ class GenerationConfig:
     num_gpus: float = doc(-1, "GPUs per generation actor; -1 = generation.tensor_parallel_size on a cluster with GPUs, 0 on one without.")
     gpu_memory_utilization: float = doc(0.85, "GPU: fraction of its GPU's memory a vLLM engine may use (weights, activations, KV cache).")
     resources: str = doc("", "Custom Ray resources each generation actor needs, e.g. 'hh_generator=1' to place them on the generator nodes of cluster.yaml.")
+    timeout_s: float = doc(1800, "Seconds a generation worker may take over its share of a batch, and the PM service over scoring a batch, before it is taken for hung (a stuck engine or collective): it is stopped, and in train-ppo replaced like a dead one (ppo.max_actor_restarts) and the batch produced again; 0 = wait without limit.")
 
 
 @dataclass

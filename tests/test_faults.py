@@ -21,6 +21,7 @@ from tests.conftest import tiny_config
 
 ITERATIONS = 5
 BATCH = 16
+HANG_LIMIT_S = 8  # generation.timeout_s of the faulty run: its tiny batches take a second at most
 
 
 def run_injected(controller, inject) -> dict:
@@ -48,12 +49,15 @@ def test_nonfinite_rollouts_are_dropped_and_counted():
 def faulty_run(ray_cluster, tiny_pm, tmp_path_factory):
     """Kill, during one run: a generation worker (SIGKILL) as iteration 1 starts
     generating, the PM service (ray.kill) as iteration 2 starts scoring, and a
-    learner worker (SIGKILL) as iteration 3 starts learning (last checkpoint: iteration 2)."""
+    learner worker (SIGKILL) as iteration 3 starts learning (last checkpoint: iteration 2).
+    Then hang (SIGSTOP) a generation worker as iteration 4 starts generating and the PM
+    service as it starts scoring: each is stopped past generation.timeout_s and replaced."""
     import ray
 
     run_dir = tmp_path_factory.mktemp("ppo-faults")
     cfg = tiny_config(**{"model.pm": tiny_pm, "ppo.iterations": ITERATIONS, "ppo.rollout_batch_size": BATCH,
-                         "generation.num_workers": 2, "ppo.num_learners": 2, "ppo.checkpoint_every": 2})
+                         "generation.num_workers": 2, "ppo.num_learners": 2, "ppo.checkpoint_every": 2,
+                         "generation.timeout_s": HANG_LIMIT_S})
     controller = RLHFController(cfg, run_dir)
     killed = []
 
@@ -68,14 +72,20 @@ def faulty_run(ray_cluster, tiny_pm, tmp_path_factory):
         elif (phase, i) == ("learn", 3) and "learner" not in killed:
             os.kill(controller.learners.pids[1], signal.SIGKILL)
             killed.append("learner")
+        elif (phase, i) == ("generate", 4) and "hung generation" not in killed:
+            os.kill(ray.get(controller.rollouts.pool.workers[1].info.remote())["pid"], signal.SIGSTOP)
+            killed.append("hung generation")
+        elif (phase, i) == ("score", 4) and "hung pm" not in killed:
+            os.kill(ray.get(controller.rollouts.scorer.placement.remote())["pid"], signal.SIGSTOP)
+            killed.append("hung pm")
 
     return run_dir, run_injected(controller, inject), killed
 
 
 def test_run_survives_killed_generator_pm_and_learner(faulty_run):
     run_dir, result, killed = faulty_run
-    assert killed == ["generation", "pm", "learner"]
-    assert (result["restarts_generation"], result["restarts_pm"], result["restarts_learner"]) == (1, 1, 1)
+    assert killed == ["generation", "pm", "learner", "hung generation", "hung pm"]
+    assert (result["restarts_generation"], result["restarts_pm"], result["restarts_learner"]) == (2, 2, 1)
 
     rows = read_metrics(run_dir, "ppo")
     # Iteration 3 (step 4) died in learning and rolled back to the step-2
@@ -90,8 +100,8 @@ def test_run_survives_killed_generator_pm_and_learner(faulty_run):
     # No rollout lost: every trained batch is whole, none dropped.
     assert all(r["samples"] == BATCH and r["dropped_nonfinite"] == 0 for r in final)
     # The metrics say what happened, in the iteration it happened.
-    assert [r["restarts_generation"] for r in rows] == [0, 1, 0, 0, 0, 0]
-    assert [r["restarts_pm"] for r in rows] == [0, 0, 1, 0, 0, 0]
+    assert [r["restarts_generation"] for r in rows] == [0, 1, 0, 0, 0, 1]
+    assert [r["restarts_pm"] for r in rows] == [0, 0, 1, 0, 0, 1]
     assert [r["restarts_learner_total"] for r in rows] == [0, 0, 0, 1, 1, 1]
     # None duplicated or replaced by other data: the redone iteration drew the
     # same prompts and samples (same seeds, same checkpointed weights).

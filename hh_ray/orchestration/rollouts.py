@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import ray
 import torch
 
-from actors.generation import GenerationPool, IncompleteWeightsError
+from actors.generation import GenerationPool, IncompleteWeightsError, stop_hung
 from actors.pm_service import start_pm_scorer
 from actors.rollout_queue import ChannelRestarted, RolloutQueue
 from hh_ray.config import Config, parse_resources
@@ -70,7 +70,9 @@ class RolloutProducer:
         self.queued: dict[int, tuple[ray.ObjectRef, str]] = {}
 
     def wait_ready(self) -> None:
+        """Block until the engines and the PM service are up (generation.timeout_s is for their work)."""
         self.pool.wait_ready()
+        ray.get(self.scorer.placement.remote())
 
     def _start_scorer(self):
         c = self.cfg
@@ -115,7 +117,7 @@ class RolloutProducer:
             batch.group = torch.arange(n).repeat_interleave(g.samples_per_prompt)
         t1 = time.time()
         on_phase("score", iteration)
-        scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
+        scores = torch.tensor(self._score(batch))
         t2 = time.time()
         # The reward the policy gets: the PM score, less the optional penalty for a response cut
         # at the token cap (ppo.truncation_penalty) so that ending the turn pays.
@@ -131,6 +133,16 @@ class RolloutProducer:
                 "tokens_generated": int(batch.response_lengths.sum()), "samples": len(batch),
                 "tokens_sequences": int(batch.attention_mask.sum()), "max_sequence_tokens": batch.input_ids.shape[1],
                 "logged_samples": sample_rows(batch, self.cfg.ppo.log_samples, self.cfg.ppo.num_learners)}
+
+    def _score(self, batch) -> list[float]:
+        """The PM's scores of the batch; a PM service past generation.timeout_s is stopped as hung, and
+        its call then fails as a dead actor's (produce replaces it)."""
+        ref, limit = self.scorer.score.remote(batch.prompts, batch.responses), self.cfg.generation.timeout_s
+        try:
+            return ray.get(ref, timeout=limit or None)
+        except ray.exceptions.GetTimeoutError:
+            stop_hung(self.scorer, "the PM service", f"{len(batch)} transcript(s)", limit)
+            return ray.get(ref)
 
     def take(self, iteration: int) -> ray.ObjectRef:
         """Batch `iteration`'s ref out of the queue. If the queue actor restarted since the batch
@@ -155,7 +167,7 @@ class RolloutProducer:
             try:
                 batch = self.pool.generate(ids, prompts, g.max_new_tokens, g.temperature, g.top_p,
                                            seed=derive_seed(self.cfg.seed, "heldout") % 2**31)
-                scores = torch.tensor(ray.get(self.scorer.score.remote(batch.prompts, batch.responses)))
+                scores = torch.tensor(self._score(batch))
                 return float(scores.mean()), float(batch.response_lengths.float().mean())
             except ray.exceptions.RayActorError as e:
                 if attempt == self.cfg.ppo.max_actor_restarts:
@@ -183,6 +195,7 @@ class RolloutProducer:
             ray.get(self.scorer.score.remote([], []), timeout=300)
         except ray.exceptions.RayActorError:
             self.scorer = self._start_scorer()
+            ray.get(self.scorer.placement.remote())  # up before its first batch counts against its timeout
             pm = 1
         if not gen and not pm:
             raise error  # nothing died: the error is not ours to absorb
